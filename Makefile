@@ -1,0 +1,30 @@
+# `make run` trains chapter 01; `make test` runs every test, notebooks included.
+# Both create .venv and install the project into it the first time.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test bench notebooks clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) tutorial/01_loop/train.py --out runs/01_loop
+	$(PY) -m reference.plot runs/01_loop
+	@echo "summary: runs/01_loop/summary.json  plot: runs/01_loop/curves.png"
+
+test: $(STAMP)
+	$(PY) -m pytest -q --nbval tests tutorial
+
+notebooks: $(STAMP)  ## re-execute every notebook in place (after changing a chapter)
+	for nb in tutorial/*/*.ipynb; do \
+	  $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace "$$nb" || exit 1; done
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,7 @@
+"""The assembled trainers that the tutorial chapters add up to."""
+from .model import GPTConfig, TinyGPT
+from .optimizer import configure_optimizer
+from .sft import SFTTrainer
+from .trainer import Trainer
+
+__all__ = ["Trainer", "SFTTrainer", "configure_optimizer", "TinyGPT", "GPTConfig"]

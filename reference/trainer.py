@@ -1,0 +1,257 @@
+"""Trainer: the loop every method shares.
+
+It owns what chapters 01-03 teach: the optimizer step and schedule, evaluation and
+metrics.jsonl (01); autocast, gradient accumulation with global token normalization and
+clipping (02); DDP, checkpoints and exact resume (03). A method (SFT, DPO, GRPO) subclasses it
+and supplies only `compute_loss` and `count` - its loss and what the loss is averaged over.
+"""
+import json
+import os
+import time
+import warnings
+from contextlib import nullcontext
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from .distributed import all_gather_object, all_reduce_sum, barrier, init_distributed
+from .runtime import autocast_context, make_grad_scaler, resolve_amp_dtype, resolve_device
+from .metrics import MetricsLog
+
+
+class Trainer:
+    """Subclasses implement `count(batch)` and `compute_loss(model, batch)`.
+
+    `compute_loss` returns `(loss_sum, metrics)`: the loss summed over the units `count` counts
+    (target tokens for SFT, pairs for DPO), and a dict of `name: (sum, n)` metrics. The trainer
+    divides by the count over every micro-batch and rank, so the step's loss is the same mean
+    however the batch is split."""
+
+    def __init__(self, model, optimizer, train_loader, val_loader=None, device="auto", max_epochs=1,
+                 max_steps=None, grad_accum_steps=1, use_amp=False, amp_dtype=None, max_grad_norm=1.0,
+                 scheduler=None, eval_every=None, eval_fn=None, out_dir=None, checkpoint_dir=None,
+                 save_every=None, keep_last=None, resume_from=None, progress=True):
+        if grad_accum_steps is None or int(grad_accum_steps) < 1:
+            raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
+        if max_grad_norm is not None and max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be > 0 (or None to turn clipping off), got {max_grad_norm}")
+        if save_every is not None and save_every < 1:
+            raise ValueError(f"save_every must be >= 1 (or None to never save), got {save_every}")
+        if len(train_loader) == 0:
+            raise ValueError("train_loader yields no batches: the dataset is empty, or smaller than "
+                             "the batch size with drop_last=True")
+        self.device = resolve_device(device)
+        self.dist = init_distributed(self.device)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.grad_accum_steps = int(grad_accum_steps)
+        if max_steps is None:
+            if not max_epochs or max_epochs < 1:
+                raise ValueError("max_epochs must be >= 1 when max_steps is not given; "
+                                 "pass max_epochs=1 or set max_steps")
+            max_steps = max_epochs * max(1, len(train_loader) // self.grad_accum_steps)
+        if max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+        self.max_steps, self.max_epochs = int(max_steps), max_epochs
+        self.raw_model = model.to(self.device)
+        self.model = self.raw_model
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DDP(self.raw_model, device_ids=ids)
+            if not isinstance(getattr(train_loader, "sampler", None), torch.utils.data.DistributedSampler):
+                warnings.warn("training under DDP, but train_loader has no DistributedSampler: every "
+                              "rank will see the same batches. Build the loader with "
+                              "sampler=DistributedSampler(dataset)", stacklevel=2)
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.amp_dtype = resolve_amp_dtype(self.device, use_amp, amp_dtype)
+        self.scaler = make_grad_scaler(self.device, self.amp_dtype)
+        self.max_grad_norm = max_grad_norm
+        self.eval_every, self.eval_fn = eval_every, eval_fn
+        self.out_dir = out_dir
+        self.checkpoint_dir = checkpoint_dir or (os.path.join(out_dir, "checkpoints") if out_dir else None)
+        self.save_every, self.keep_last, self.resume_from = save_every, keep_last, resume_from
+        self.progress = progress
+        self.step = self.epoch = self.batch_in_epoch = self.skipped_steps = 0
+        self.history = []
+
+    # --- what a method supplies -------------------------------------------------------------
+    def count(self, batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def compute_loss(self, model, batch):
+        raise NotImplementedError
+
+    # --- the loop -------------------------------------------------------------------------
+    def train(self):
+        resumed = self.maybe_resume()
+        log = MetricsLog(self.out_dir, self.dist.is_main, truncate_after=resumed)
+        batches = self.micro_batches()
+        bar = tqdm(total=self.max_steps, initial=self.step, desc="train",
+                   disable=None if (self.progress and self.dist.is_main) else True)
+        start = time.perf_counter()
+        try:
+            while self.step < self.max_steps:
+                record = self.training_step([next(batches) for _ in range(self.grad_accum_steps)])
+                self.record(log, record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+                if self.eval_every and (self.step % self.eval_every == 0 or self.step == self.max_steps):
+                    self.record(log, self.evaluate())
+                if self.save_every and self.step % self.save_every == 0:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            log.close()
+        self.train_seconds = time.perf_counter() - start
+        return self.history
+
+    def micro_batches(self):
+        """Micro-batches in order, across epochs; resumes at `batch_in_epoch` of `epoch`."""
+        while True:
+            sampler = getattr(self.train_loader, "sampler", None)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(self.epoch)
+            generator = getattr(self.train_loader, "generator", None)
+            if generator is not None:  # a shuffling loader: remember where this epoch's order came from
+                if self.batch_in_epoch == 0 or not hasattr(self, "_epoch_generator_state"):
+                    self._epoch_generator_state = generator.get_state()
+                generator.set_state(self._epoch_generator_state)
+            for i, batch in enumerate(self.train_loader):
+                if i < self.batch_in_epoch:
+                    continue  # already trained on before the checkpoint we resumed from
+                self.batch_in_epoch = i + 1
+                yield self.to_device(batch)
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+    def to_device(self, batch):
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def training_step(self, micro):
+        """One optimizer step over `grad_accum_steps` micro-batches."""
+        count = all_reduce_sum(sum(self.count(b).to(self.device, torch.float32) for b in micro))
+        if count.item() == 0:
+            raise ValueError(f"step {self.step + 1}: no target tokens in the batch (every label is "
+                             "-100?); check the collator's labels")
+        scale = self.dist.world_size / count  # DDP averages gradients over ranks: undo that mean
+        loss_sum, sums = torch.zeros((), device=self.device), {}
+        for i, batch in enumerate(micro):
+            last = i == len(micro) - 1
+            sync = nullcontext() if (last or not self.dist.enabled) else self.model.no_sync()
+            with sync:
+                with autocast_context(self.device, self.amp_dtype):
+                    part, metrics = self.compute_loss(self.model, batch)
+                self.scaler.scale(part * scale).backward()
+            loss_sum += part.detach().float()
+            for name, (s, n) in metrics.items():
+                total = sums.setdefault(name, torch.zeros(2, device=self.device))
+                total += torch.stack([torch.as_tensor(s, dtype=torch.float32, device=self.device).detach(),
+                                      torch.as_tensor(n, dtype=torch.float32, device=self.device)])
+        loss = all_reduce_sum(loss_sum) / count
+        if not torch.isfinite(loss) and not self.scaler.is_enabled():
+            raise FloatingPointError(f"loss is {loss.item()} at step {self.step + 1}; lower the "
+                                     "learning rate or turn on gradient clipping")
+        self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the loss-scaled ones
+        params = [p for p in self.raw_model.parameters() if p.grad is not None]
+        if self.max_grad_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        lr = self.optimizer.param_groups[0]["lr"]
+        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if scale_before is not None and self.scaler.get_scale() < scale_before:
+            self.skipped_steps += 1  # inf/NaN gradients: the scaler skipped this step
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        record = {"step": self.step, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
+                  "tokens": int(count.item()), "skipped_steps": self.skipped_steps}
+        for name, total in sums.items():
+            s, n = all_reduce_sum(total).tolist()
+            record[name] = s / n if n else 0.0
+        return record
+
+    @torch.no_grad()
+    def evaluate(self):
+        """Mean loss over val_loader (every rank evaluates all of it), plus `eval_fn(model)`."""
+        record = {"step": self.step, "split": "eval"}
+        model = self.raw_model
+        was_training = model.training
+        model.eval()
+        if self.val_loader is not None:
+            loss_sum, count = 0.0, 0.0
+            for batch in self.val_loader:
+                batch = self.to_device(batch)
+                with autocast_context(self.device, self.amp_dtype):
+                    part, _ = self.compute_loss(model, batch)
+                loss_sum, count = loss_sum + part.item(), count + self.count(batch).item()
+            record["loss"] = loss_sum / count
+        if self.eval_fn is not None:
+            record.update(self.eval_fn(model))
+        model.train(was_training)
+        return record
+
+    def record(self, log, record):
+        self.history.append(record)
+        log.write(record)
+
+    # --- checkpoints ----------------------------------------------------------------------
+    def state_dict(self):
+        return {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch, "skipped_steps": self.skipped_steps,
+                "epoch_generator_state": getattr(self, "_epoch_generator_state", None),
+                "world_size": self.dist.world_size}
+
+    def save_checkpoint(self):
+        """Rank 0 writes; every rank's RNG state goes in, so each rank resumes its own stream."""
+        rngs = all_gather_object(ckpt.rng_state())
+        if self.dist.is_main:
+            state = self.state_dict()
+            state["rng"] = rngs
+            ckpt.save_checkpoint(self.checkpoint_dir, self.step, state, self.keep_last)
+        barrier()
+
+    def load_state_dict(self, state, source="checkpoint"):
+        if state["world_size"] != self.dist.world_size:
+            raise ValueError(
+                f"{source} was written by {state['world_size']} process(es) but this run has "
+                f"{self.dist.world_size}. Exact resume needs the same world size, because the "
+                "DistributedSampler shards and the per-rank RNG streams depend on it. Resume with "
+                f"--nproc_per_node={state['world_size']}, or start fresh without --resume.")
+        try:
+            self.raw_model.load_state_dict(state["model"])
+        except RuntimeError as err:
+            raise ValueError(f"{source} does not fit this model (a different model size?): {err}") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.batch_in_epoch, self.skipped_steps = state["batch_in_epoch"], state["skipped_steps"]
+        if state["epoch_generator_state"] is not None:
+            self._epoch_generator_state = state["epoch_generator_state"]
+        ckpt.set_rng_state(state["rng"][self.dist.rank])
+
+    def maybe_resume(self):
+        """Load `resume_from` ("latest", a path, or None). Returns the step resumed at, or None."""
+        if self.resume_from is None:
+            return None
+        if self.resume_from == "latest":
+            path, state = ckpt.load_latest(self.checkpoint_dir)
+            if state is None:
+                if self.dist.is_main:
+                    print(f"no checkpoint in {self.checkpoint_dir}; starting fresh")
+                return None
+        else:
+            path, state = self.resume_from, ckpt.load_state(self.resume_from)
+        self.load_state_dict(state, source=f"checkpoint {path}")
+        if self.dist.is_main:
+            print(f"resumed from {path} at step {self.step}")
+        return self.step

@@ -1,0 +1,38 @@
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHAPTERS = {"01": "01_loop", "02": "02_amp", "03": "03_ddp", "04": "04_dpo", "05": "05_grpo"}
+
+# Bitwise comparisons need the same thread count in every run of a test session.
+torch.set_num_threads(2)
+
+
+def load_chapter(nn):
+    """Import tutorial/NN_*/train.py as a module (its folder name is not a valid package name)."""
+    path = os.path.join(ROOT, "tutorial", CHAPTERS[nn], "train.py")
+    spec = importlib.util.spec_from_file_location(f"chapter_{nn}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def read_jsonl(path, split="train"):
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return [r for r in records if r.get("split", "train") == split]
+
+
+@pytest.fixture
+def chapter():
+    return load_chapter
+
+
+# A tiny config that every chapter accepts: seconds, not minutes.
+TINY = ["--max-steps", "30", "--batch-size", "32", "--eval-every", "10", "--eval-size", "100",
+        "--n-embd", "32", "--n-layer", "1", "--seed", "0", "--device", "cpu"]
