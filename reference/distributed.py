@@ -45,12 +45,14 @@ def init_distributed(device: torch.device) -> DistInfo:
     return info
 
 
-def teardown():
-    """Leave the process group. The barrier first matters under torchrun restarts: a rank that
-    destroys its group while another still talks to it leaves that one with a broken mesh."""
+def teardown(barrier=True):
+    """Leave the process group. On success the barrier comes first: under torchrun restarts, a
+    rank that destroys its group while another still talks to it leaves that one with a broken
+    mesh. After an error there is no barrier, since the other ranks may be gone."""
     if dist.is_available() and dist.is_initialized():
         try:
-            dist.barrier()
+            if barrier:
+                dist.barrier()
         finally:
             dist.destroy_process_group()
 

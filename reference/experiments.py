@@ -1,21 +1,27 @@
 """Each chapter's experiment, built from the reference package: the same data, model, seed and
-flags as `tutorial/NN/train.py`, so the two runs can be compared number for number."""
+flags as `tutorial/NN/train.py`, so the two runs can be compared number for number.
+
+`python -m reference NN [flags]` calls `run(NN, argv)`."""
 import argparse
 import json
 import os
 import time
 
 import torch
+from torch.utils.data.distributed import DistributedSampler
 
 from .data import CharTokenizer, SFTCollator, SFTDataset, exact_match, make_addition_splits
+from .distributed import teardown, torchrun_env
 from .model import GPTConfig, TinyGPT
 from .optimizer import configure_optimizer, warmup_cosine_scheduler
+from .runtime import resolve_device
 from .sft import SFTTrainer
 
-CHAPTERS = ("01", "02")
+CHAPTERS = ("01", "02", "03")
 
 
 def get_args(chapter, argv=None):
+    """The flags of tutorial/<chapter>/train.py, with the same names and defaults."""
     p = argparse.ArgumentParser(prog=f"python -m reference {chapter}",
                                 description=f"Chapter {chapter}'s experiment with the reference trainers.")
     p.add_argument("--out", default=f"runs/reference_{chapter}")
@@ -36,8 +42,13 @@ def get_args(chapter, argv=None):
     p.add_argument("--n-layer", type=int, default=2)
     p.add_argument("--n-head", type=int, default=4)
     p.add_argument("--n-embd", type=int, default=64)
+    if chapter >= "03":
+        p.add_argument("--save-every", type=int, default=200)
+        p.add_argument("--keep-last", type=int, default=2)
+        p.add_argument("--resume", action="store_true")
     args = p.parse_args(argv)
-    for name in ("max_steps", "batch_size", "eval_every", "eval_size", "grad_accum_steps"):
+    for name in ("max_steps", "batch_size", "eval_every", "eval_size", "grad_accum_steps", "save_every",
+                 "keep_last"):
         if getattr(args, name, 1) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if getattr(args, "max_grad_norm", 1.0) <= 0:
@@ -46,51 +57,86 @@ def get_args(chapter, argv=None):
 
 
 def trainer_options(args):
-    """The Trainer arguments a chapter's flags stand for (chapter 01 has none of these flags)."""
+    """The Trainer arguments that a chapter's flags stand for; earlier chapters lack the flags."""
     amp = getattr(args, "amp", "off")
     return {"grad_accum_steps": getattr(args, "grad_accum_steps", 1),
             "amp_dtype": None if amp == "off" else amp,
-            "max_grad_norm": getattr(args, "max_grad_norm", None)}
+            "max_grad_norm": getattr(args, "max_grad_norm", None),
+            "save_every": getattr(args, "save_every", None),
+            "keep_last": getattr(args, "keep_last", None),
+            "resume_from": "latest" if getattr(args, "resume", False) else None}
 
 
-def build_sft(args, device):
-    """Tokenizer, problems, loaders and model, created in the chapter scripts' order (the order
-    decides which random numbers each piece draws)."""
-    tok = CharTokenizer()
-    train_problems, eval_problems = make_addition_splits(args.digits, args.eval_size, seed=args.seed)
+def sft_loaders(args, tok, train_problems, eval_problems, chapter):
+    """Chapters 01-02 shuffle with a seeded generator; from 03 on a DistributedSampler shards
+    the data (with one replica in a single process, so the order is the same either way)."""
     collate = SFTCollator(tok.pad_id)
-    train_loader = torch.utils.data.DataLoader(
-        SFTDataset(train_problems, tok), batch_size=args.batch_size, shuffle=True, drop_last=True,
-        collate_fn=collate, generator=torch.Generator().manual_seed(args.seed))
+    train_set = SFTDataset(train_problems, tok)
+    if chapter >= "03":
+        env = torchrun_env()
+        sampler = DistributedSampler(train_set, num_replicas=env.world_size, rank=env.rank, shuffle=True,
+                                     seed=args.seed, drop_last=True)
+        train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler,
+                                                   drop_last=True, collate_fn=collate)
+    else:
+        train_loader = torch.utils.data.DataLoader(
+            train_set, batch_size=args.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
+            generator=torch.Generator().manual_seed(args.seed))
     val_loader = torch.utils.data.DataLoader(SFTDataset(eval_problems, tok), batch_size=256, collate_fn=collate)
+    return train_loader, val_loader
+
+
+def build_model(args, tok, device):
     cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=4 * args.digits + 4,
                     n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
-    model = TinyGPT(cfg).to(device)
-    return tok, train_problems, eval_problems, train_loader, val_loader, model
+    return TinyGPT(cfg).to(device)
 
 
 def run(chapter, argv=None):
+    """Run chapter `chapter`'s experiment; returns the summary (None on ranks other than 0)."""
     args = get_args(chapter, argv)
-    torch.manual_seed(args.seed)
-    from .runtime import resolve_device
+    try:
+        summary = run_sft(chapter, args)
+    except BaseException:
+        teardown(barrier=False)
+        raise
+    teardown()
+    return summary
+
+
+def run_sft(chapter, args):
     device = resolve_device(args.device)
-    tok, train_problems, eval_problems, train_loader, val_loader, model = build_sft(args, device)
-    optimizer = configure_optimizer(model, "adamw", lr=args.lr, weight_decay=args.weight_decay)
+    torch.manual_seed(args.seed)  # the same order of random draws as the chapter scripts
+    tok = CharTokenizer()
+    train_problems, eval_problems = make_addition_splits(args.digits, args.eval_size, seed=args.seed)
+    train_loader, val_loader = sft_loaders(args, tok, train_problems, eval_problems, chapter)
+    model = build_model(args, tok, device)
+    optimizer = configure_optimizer(model=model, optimizer_type="adamw", lr=args.lr, weight_decay=args.weight_decay)
     scheduler = warmup_cosine_scheduler(optimizer, args.warmup_steps, args.max_steps)
     trainer = SFTTrainer(
         model=model, optimizer=optimizer, train_loader=train_loader, val_loader=val_loader,
         device=device, max_steps=args.max_steps, scheduler=scheduler, eval_every=args.eval_every,
-        out_dir=args.out, **trainer_options(args),
-        eval_fn=lambda m: {"accuracy": exact_match(m, eval_problems, tok, device=device)})
+        out_dir=args.out, eval_fn=lambda m: {"accuracy": exact_match(m, eval_problems, tok, device=trainer.device)},
+        **trainer_options(args))
     start = time.perf_counter()
     history = trainer.train()
-    train_seconds = time.perf_counter() - start
-    last_train = [r for r in history if "split" not in r][-1]
-    last_eval = [r for r in history if r.get("split") == "eval"][-1]
-    summary = {"eval_accuracy": last_eval["accuracy"], "eval_loss": last_eval["loss"],
-               "final_loss": last_train["loss"], "steps": trainer.step, "train_seconds": train_seconds,
-               "parameters": model.num_parameters()}
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
+    return write_summary(args, trainer, history, time.perf_counter() - start)
+
+
+def write_summary(args, trainer, history, train_seconds, **extra):
+    """summary.json from the last train and eval records (rank 0 only)."""
+    if not trainer.dist.is_main:
+        return None
+    path = os.path.join(args.out, "summary.json")
+    train = [r for r in history if "split" not in r]
+    evals = [r for r in history if r.get("split") == "eval"]
+    if not train:  # resumed from the final checkpoint: the earlier run's summary stands
+        with open(path) as f:
+            return json.load(f)
+    summary = {"eval_accuracy": evals[-1]["accuracy"], "eval_loss": evals[-1]["loss"],
+               "final_loss": train[-1]["loss"], "steps": trainer.step, "train_seconds": train_seconds,
+               "parameters": trainer.raw_model.num_parameters(), **extra}
+    with open(path, "w") as f:
         json.dump(summary, f, indent=2)
     print(f"held-out exact match {summary['eval_accuracy']:.3f} after {trainer.step} steps; "
           f"wrote {args.out}/metrics.jsonl and summary.json")

@@ -100,7 +100,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 if self.eval_every and (self.step % self.eval_every == 0 or self.step == self.max_steps):
                     self.record(log, self.evaluate())
-                if self.save_every and self.step % self.save_every == 0:
+                if self.save_every and (self.step % self.save_every == 0 or self.step == self.max_steps):
                     self.save_checkpoint()
         finally:
             bar.close()

@@ -54,7 +54,7 @@ def test_optimizer_groups_decay_matrices_only():
     assert all(n.endswith("weight") and "ln" not in n and n not in ("wte.weight", "wpe.weight") for n in decayed)
     assert "lm_head.weight" in decayed and "blocks.0.attn.qkv.weight" in decayed
     not_decayed = {names[id(p)] for p in no_decay["params"]}
-    assert {"wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias", "blocks.0.attn.qkv.bias"} <= not_decayed
+    assert {"wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias", "blocks.0.attn.proj.bias"} <= not_decayed
     assert len(decayed) + len(not_decayed) == len(list(model.parameters()))
     assert isinstance(opt, torch.optim.AdamW)
 

@@ -96,10 +96,11 @@ def evaluate(model, loader, device):
     return total / count
 
 
-def train(model, optimizer, scheduler, batches, evaluate_fn, args):
+def train(model, optimizer, scheduler, train_loader, evaluate_fn, args):
     """The loop: forward, loss, backward, step. One metrics record per optimizer step, and an
     evaluation every --eval-every steps. Returns the last train and eval records."""
     log = open(os.path.join(args.out, "metrics.jsonl"), "w")
+    batches = forever(train_loader)
     model.train()
     bar = tqdm(range(1, args.max_steps + 1), desc="train", disable=None)
     for step in bar:
@@ -159,7 +160,7 @@ def main(argv=None):
                 "accuracy": exact_match(model, eval_problems, tok, device=args.device)}
 
     start = time.perf_counter()
-    record, eval_record = train(model, optimizer, scheduler, forever(train_loader), evaluate_fn, args)
+    record, eval_record = train(model, optimizer, scheduler, train_loader, evaluate_fn, args)
     train_seconds = time.perf_counter() - start
 
     # save the final model atomically: write a temporary file, then rename it into place

@@ -123,7 +123,7 @@ def evaluate(model, loader, device, amp_dtype=None):
     return total / count
 
 
-def train(model, optimizer, scheduler, batches, evaluate_fn, args):
+def train(model, optimizer, scheduler, train_loader, evaluate_fn, args):
     """The loop: forward, loss, backward, step. One metrics record per optimizer step, and an
     evaluation every --eval-every steps. Returns the last train and eval records.
 
@@ -131,6 +131,7 @@ def train(model, optimizer, scheduler, batches, evaluate_fn, args):
     divided by the target tokens of the whole step, so the step's gradient is that of one big
     batch, however unequal the micro-batches' lengths (a mean of per-micro-batch means is not)."""
     log = open(os.path.join(args.out, "metrics.jsonl"), "w")
+    batches = forever(train_loader)
     # fp16 has too little range for small gradients: scale the loss up, and the gradients back down
     scaler = torch.amp.GradScaler(args.device.type, enabled=args.amp_dtype == torch.float16)
     skipped_steps = 0
@@ -203,7 +204,7 @@ def main(argv=None):
                 "accuracy": exact_match(model, eval_problems, tok, device=args.device)}
 
     start = time.perf_counter()
-    record, eval_record = train(model, optimizer, scheduler, forever(train_loader), evaluate_fn, args)
+    record, eval_record = train(model, optimizer, scheduler, train_loader, evaluate_fn, args)
     train_seconds = time.perf_counter() - start
 
     # save the final model atomically: write a temporary file, then rename it into place

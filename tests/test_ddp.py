@@ -1,0 +1,171 @@
+"""Chapter 03 on CPU with gloo: DDP equals one process, two nodes on loopback, bitwise resume
+after SIGKILL, a torchrun restart after a killed worker, and checkpoint failure modes."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, load_chapter, read_jsonl
+
+SCRIPT = os.path.join(ROOT, "tutorial", "03_ddp", "train.py")
+# 20 steps of a tiny model; every process sees 16 sequences per step in total
+BASE = ["--max-steps", "20", "--eval-every", "10", "--eval-size", "50", "--n-embd", "32", "--n-layer", "1",
+        "--amp", "off", "--seed", "0", "--device", "cpu", "--save-every", "10"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env(**extra):
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    e.update(extra)
+    return e
+
+
+def torchrun(nproc, args, extra=(), timeout=120, **kw):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           *extra, SCRIPT, *args]
+    return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def run_script(args, timeout=120):
+    return subprocess.run([sys.executable, SCRIPT, *args], env=env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def losses(out):
+    return [r["loss"] for r in read_jsonl(os.path.join(out, "metrics.jsonl"))]
+
+
+def final_params(out):
+    return torch.load(os.path.join(out, "model.pt"), weights_only=True)["model"]
+
+
+def assert_close_runs(a, b, rtol=1e-5):
+    la, lb = losses(a), losses(b)
+    assert len(la) == len(lb) == 20
+    torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), rtol=rtol, atol=0)
+    pa, pb = final_params(a), final_params(b)
+    for name in pa:  # relative to the tensor's norm: elementwise, a weight near 0 has no scale
+        assert (pa[name] - pb[name]).norm() <= rtol * pb[name].norm(), name
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The baseline: 1 process x batch 16, in-process."""
+    out = str(tmp_path_factory.mktemp("one") / "run")
+    load_chapter("03").main(BASE + ["--batch-size", "16", "--out", out])
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("two") / "run")
+    r = torchrun(2, BASE + ["--batch-size", "8", "--out", out])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_ddp_two_processes_equal_one_process(one_process, two_processes):
+    assert_close_runs(one_process, two_processes)
+    # the logged token count is global: both runs train on the same 16 sequences per step
+    assert [r["tokens"] for r in read_jsonl(os.path.join(one_process, "metrics.jsonl"))] == \
+           [r["tokens"] for r in read_jsonl(os.path.join(two_processes, "metrics.jsonl"))]
+
+
+def test_ddp_with_accumulation_equals_one_process(one_process, tmp_path):
+    out = str(tmp_path / "run")
+    r = torchrun(2, BASE + ["--batch-size", "4", "--grad-accum-steps", "2", "--out", out])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_close_runs(one_process, out)
+
+
+def test_two_nodes_on_loopback_equal_one_process(one_process, tmp_path):
+    out, port = str(tmp_path / "run"), free_port()
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={rank}",
+         "--master_addr=127.0.0.1", f"--master_port={port}", SCRIPT, *BASE, "--batch-size", "8", "--out", out],
+        env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    results = [node.communicate(timeout=120) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), results[0][1][-2000:] + results[1][1][-2000:]
+    assert_close_runs(one_process, out)
+
+
+def test_sigkill_then_resume_is_bitwise(tmp_path):
+    """40 straight steps == 25 steps, SIGKILL, --resume from step 20 (mid-epoch, with
+    accumulation), 20 more: every loss and every final parameter bit for bit."""
+    args = BASE[2:] + ["--max-steps", "40", "--batch-size", "4", "--grad-accum-steps", "2"]
+    straight, crashed = str(tmp_path / "straight"), str(tmp_path / "crashed")
+    assert run_script(args + ["--out", straight]).returncode == 0  # same thread count as the others
+    r = run_script(args + ["--out", crashed, "--crash-at-step", "25"])
+    assert r.returncode == -9  # SIGKILL
+    assert sorted(os.listdir(os.path.join(crashed, "checkpoints"))) == ["step_000010", "step_000020"]
+    r = run_script(args + ["--out", crashed, "--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout and "step_000020" in r.stdout
+    assert losses(straight) == losses(crashed)  # bitwise, steps 1-40
+    pa, pb = final_params(straight), final_params(crashed)
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def test_torchrun_restarts_a_killed_worker_and_resumes(two_processes, tmp_path):
+    """One worker is SIGKILLed after the step-10 checkpoint; torchrun --max-restarts=1 restarts
+    both, they resume, and the run ends where the uninterrupted one did."""
+    out = str(tmp_path / "run")
+    r = torchrun(2, BASE + ["--batch-size", "8", "--out", out, "--resume", "--crash-at-step", "12"],
+                 extra=["--max-restarts=1"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout
+    assert_close_runs(two_processes, out, rtol=0)
+
+
+def test_truncated_checkpoint_falls_back_with_a_warning(one_process, tmp_path):
+    out = str(tmp_path / "run")
+    args = BASE + ["--batch-size", "16", "--out", out]
+    chapter = load_chapter("03")
+    chapter.main(args)
+    newest = os.path.join(out, "checkpoints", "step_000020", "state.pt")
+    with open(newest, "r+b") as f:  # what a crash half-way through a write would leave
+        f.truncate(os.path.getsize(newest) // 2)
+    with pytest.warns(UserWarning, match="step_000020 could not be loaded"):
+        summary = chapter.main(args + ["--resume"])
+    assert summary["steps"] == 20
+    assert losses(out) == losses(one_process)  # resumed from step 10 and redid 11-20 exactly
+
+
+def test_resume_without_checkpoint_starts_fresh(tmp_path, capsys):
+    load_chapter("03").main(BASE + ["--max-steps", "5", "--batch-size", "8", "--out", str(tmp_path), "--resume"])
+    assert "no checkpoint yet, starting fresh" in capsys.readouterr().out
+    assert len(losses(str(tmp_path))) == 5
+
+
+def test_resume_with_a_different_model_size_is_a_clear_error(tmp_path):
+    chapter = load_chapter("03")
+    chapter.main(BASE + ["--max-steps", "10", "--batch-size", "8", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="does not fit this model"):
+        chapter.main(BASE + ["--max-steps", "20", "--batch-size", "8", "--out", str(tmp_path), "--resume",
+                             "--n-embd", "48"])
+
+
+def test_resume_with_a_different_world_size_is_a_clear_error(tmp_path):
+    chapter = load_chapter("03")
+    chapter.main(BASE + ["--max-steps", "10", "--batch-size", "8", "--out", str(tmp_path)])
+    path = os.path.join(tmp_path, "checkpoints", "step_000010", "state.pt")
+    state = torch.load(path, weights_only=True)
+    state["world_size"] = 2  # as if two processes had written it
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="written by 2 process.*this run has 1.*--nproc_per_node=2"):
+        chapter.main(BASE + ["--max-steps", "20", "--batch-size", "8", "--out", str(tmp_path), "--resume"])
+
+
+def test_save_every_zero_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        load_chapter("03").get_args(["--save-every", "0"])
+    assert "--save-every must be >= 1" in capsys.readouterr().err
