@@ -69,7 +69,8 @@ def load_latest(checkpoint_dir, map_location="cpu"):
         try:
             return path, load_state(path, map_location)
         except Exception as err:  # noqa: BLE001 - any unreadable file means "try the one before"
-            warnings.warn(f"checkpoint {path} could not be loaded ({type(err).__name__}: {err}); "
+            reason = (str(err).strip().splitlines() or [""])[0][:160]
+            warnings.warn(f"checkpoint {path} could not be loaded ({type(err).__name__}: {reason}); "
                           "falling back to the previous checkpoint", stacklevel=2)
     return None, None
 

@@ -76,8 +76,10 @@ def sft_loaders(args, tok, train_problems, eval_problems, chapter):
         env = torchrun_env()
         sampler = DistributedSampler(train_set, num_replicas=env.world_size, rank=env.rank, shuffle=True,
                                      seed=args.seed, drop_last=True)
+        # its own generator: starting an epoch then draws nothing from the global RNG
         train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler,
-                                                   drop_last=True, collate_fn=collate)
+                                                   drop_last=True, collate_fn=collate,
+                                                   generator=torch.Generator().manual_seed(args.seed))
     else:
         train_loader = torch.utils.data.DataLoader(
             train_set, batch_size=args.batch_size, shuffle=True, drop_last=True, collate_fn=collate,

@@ -75,6 +75,7 @@ class Trainer:
         self.save_every, self.keep_last, self.resume_from = save_every, keep_last, resume_from
         self.progress = progress
         self.step = self.epoch = self.batch_in_epoch = self.skipped_steps = 0
+        self._pending_rng = None
         self.history = []
 
     # --- what a method supplies -------------------------------------------------------------
@@ -94,7 +95,7 @@ class Trainer:
         start = time.perf_counter()
         try:
             while self.step < self.max_steps:
-                record = self.training_step([next(batches) for _ in range(self.grad_accum_steps)])
+                record = self.training_step(self.step_batches(batches))
                 self.record(log, record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
@@ -119,12 +120,23 @@ class Trainer:
                 if self.batch_in_epoch == 0 or not hasattr(self, "_epoch_generator_state"):
                     self._epoch_generator_state = generator.get_state()
                 generator.set_state(self._epoch_generator_state)
-            for i, batch in enumerate(self.train_loader):
+            epoch_iter = iter(self.train_loader)
+            if self._pending_rng is not None:
+                # a DataLoader draws its worker seed from the global RNG when iteration starts;
+                # the checkpoint's RNG states were taken after that draw, so restore them after it
+                ckpt.set_rng_state(self._pending_rng)
+                self._pending_rng = None
+            for i, batch in enumerate(epoch_iter):
                 if i < self.batch_in_epoch:
                     continue  # already trained on before the checkpoint we resumed from
                 self.batch_in_epoch = i + 1
                 yield self.to_device(batch)
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+    def step_batches(self, batches):
+        """The micro-batches of the next optimizer step. GRPO overrides this: it generates
+        completions here, and reuses one generation for num_iterations steps."""
+        return [next(batches) for _ in range(self.grad_accum_steps)]
 
     def to_device(self, batch):
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -237,7 +249,7 @@ class Trainer:
         self.batch_in_epoch, self.skipped_steps = state["batch_in_epoch"], state["skipped_steps"]
         if state["epoch_generator_state"] is not None:
             self._epoch_generator_state = state["epoch_generator_state"]
-        ckpt.set_rng_state(state["rng"][self.dist.rank])
+        self._pending_rng = state["rng"][self.dist.rank]  # applied when the data resumes
 
     def maybe_resume(self):
         """Load `resume_from` ("latest", a path, or None). Returns the step resumed at, or None."""

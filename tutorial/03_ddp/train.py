@@ -307,12 +307,14 @@ def run(args):
     tok = CharTokenizer()
     train_problems, eval_problems = make_addition_splits(args.digits, args.eval_size, seed=args.seed)
     collate = SFTCollator(tok.pad_id)
-    # each rank trains on its own 1/world_size of every epoch (one process: the whole epoch)
+    # each rank trains on its own 1/world_size of every epoch (one process: the whole epoch);
+    # the loader's own generator keeps epoch starts from drawing on the global RNG (exact resume)
     train_set = SFTDataset(train_problems, tok)
     sampler = DistributedSampler(train_set, num_replicas=args.world_size, rank=args.rank, shuffle=True,
                                  seed=args.seed, drop_last=True)
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler,
-                                               drop_last=True, collate_fn=collate)
+                                               drop_last=True, collate_fn=collate,
+                                               generator=torch.Generator().manual_seed(args.seed))
     val_loader = torch.utils.data.DataLoader(SFTDataset(eval_problems, tok), batch_size=256, collate_fn=collate)
 
     # model, optimizer and learning-rate schedule
