@@ -22,6 +22,9 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q --nbval tests tutorial
 
+bench: $(STAMP)  ## measured ratios -> benchmarks/results.json (about 8 minutes)
+	$(PY) benchmarks/run.py
+
 notebooks: $(STAMP)  ## re-execute every notebook in place (after changing a chapter)
 	for nb in tutorial/*/*.ipynb; do \
 	  $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace "$$nb" || exit 1; done

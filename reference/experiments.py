@@ -5,6 +5,7 @@ flags as `tutorial/NN/train.py`, so the two runs can be compared number for numb
 import argparse
 import json
 import os
+import shutil
 import time
 
 import torch
@@ -106,7 +107,16 @@ def run(chapter, argv=None):
     return summary
 
 
+def start_fresh(args):
+    """Like the chapter scripts: a run without --resume replaces an earlier run's checkpoints."""
+    path = os.path.join(args.out, "checkpoints")
+    if not getattr(args, "resume", False) and torchrun_env().is_main and os.path.isdir(path):
+        print(f"starting fresh: removing the previous run's checkpoints in {path}")
+        shutil.rmtree(path)
+
+
 def run_sft(chapter, args):
+    start_fresh(args)
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)  # the same order of random draws as the chapter scripts
     tok = CharTokenizer()

@@ -10,8 +10,17 @@ completion token, the end token included; 0 = after the end token, or padding); 
 rewards are one number per completion, `[B]`, grouped contiguously (rows g*G .. g*G+G-1 are the
 samples of prompt g).
 """
+import time
+import warnings
+
 import torch
 import torch.nn.functional as F
+
+from .distributed import all_gather_object
+from .rollout import RolledOut, move, offline_rollout, online_rollout, reward_functions, reward_metrics
+from .runtime import autocast_context
+from .sft import logits_of
+from .trainer import Trainer
 
 SCALES = ("group", "batch", "none")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -155,4 +164,159 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, clip_eps=0.2, clip_
 
 
 # --- GRPOTrainer ------------------------------------------------------------------------------
-# The trainer (sampling, rewards, advantages, the loss above) is added below this line.
+
+class GRPOTrainer(Trainer):
+    """GRPO: sample a group of completions per prompt, score them, make the better-than-average ones
+    more likely. Batches are online (`prompt_input_ids`, `prompt_attention_mask`, left-padded, plus what
+    `reward_fn(prompts, completions, **batch)` reads) or offline (`input_ids`, `response_mask`,
+    `rewards`, num_samples_per_prompt rows per prompt); see rollout.py. A step's grad_accum_steps
+    loader batches are rolled out together, each a micro-batch of whole groups, and trained on for
+    num_iterations steps: the ratio pi / pi_old is exactly 1 on the first use (old_logps =
+    logps.detach()); the clip matters from the second on.
+
+    The step's loss is normalized over every micro-batch and rank; `count` and `compute_loss` give:
+      grpo     count = completions, loss_sum = sum of each completion's mean token loss
+      dr_grpo  count = completions * max_completion_length, loss_sum = sum of token losses
+      dapo     count = completion tokens, loss_sum = sum of token losses (TRL: the global count)
+      bnpo     count = 1, loss_sum = this micro-batch's mean token loss: the step averages
+               micro-batch means, as TRL does; unlike dapo it depends on the split"""
+
+    def __init__(self, model, optimizer, train_loader, num_samples_per_prompt=4, clip_eps=0.2, device="auto",
+                 max_epochs=1, reward_fn=None, reward_weights=None, tokenizer=None, ref_model=None, beta=0.0,
+                 num_iterations=1, clip_eps_high=None, loss_type="grpo", scale_rewards="group",
+                 temperature=1.0, top_k=None, max_completion_length=8, generation_seed=None, **trainer_kwargs):
+        if num_samples_per_prompt is None or num_samples_per_prompt < 2:
+            raise ValueError(f"num_samples_per_prompt must be >= 2: a completion's advantage is its reward "
+                             f"relative to the others of its group; got {num_samples_per_prompt}")
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+        if scale_rewards not in SCALES:
+            raise ValueError(f"scale_rewards must be one of {SCALES}, got {scale_rewards!r}")
+        if min(num_iterations, max_completion_length, 1 if top_k is None else top_k) < 1 or temperature <= 0:
+            raise ValueError("need num_iterations, max_completion_length, top_k (or None) >= 1 and temperature > 0; "
+                             f"got {num_iterations}, {max_completion_length}, {top_k}, {temperature}")
+        if beta < 0:
+            raise ValueError(f"beta must be >= 0, got {beta}")
+        if beta > 0 and ref_model is None:
+            raise ValueError(f"beta={beta} adds a KL penalty towards a frozen reference model: pass "
+                             "ref_model=copy.deepcopy(model) made before training, or set beta=0")
+        if beta > 0 and ref_model is model:
+            raise ValueError("ref_model is the policy itself; pass a frozen copy, copy.deepcopy(model)")
+        fns, weights, names = reward_functions(reward_fn, reward_weights)
+        super().__init__(model, optimizer, train_loader, device=device, max_epochs=max_epochs, **trainer_kwargs)
+        if trainer_kwargs.get("max_steps") is None:
+            self.max_steps *= num_iterations  # every generation is trained on num_iterations times
+        self.G, self.clip_eps, self.clip_eps_high, self.beta = num_samples_per_prompt, clip_eps, clip_eps_high, beta
+        self.reward_fns, self.reward_weights, self.reward_names = fns, weights, names
+        self.tokenizer, self.num_iterations, self.loss_type = tokenizer, num_iterations, loss_type
+        self.scale_rewards, self.temperature, self.top_k = scale_rewards, temperature, top_k
+        self.max_completion_length = max_completion_length
+        self.ref_model = None
+        if beta > 0:
+            self.ref_model = ref_model.to(self.device).eval().requires_grad_(False)
+        elif ref_model is not None:
+            warnings.warn("beta=0: ref_model is not used (there is no KL penalty)", stacklevel=2)
+        self.generator = None  # None: sample from torch's global RNG, which checkpoints already hold
+        if generation_seed is not None:  # one stream per rank, or every rank samples the same tokens
+            self.generator = torch.Generator(self.device).manual_seed(generation_seed + self.dist.rank)
+        self.rollouts, self.rollout_uses, self.generation_seconds = None, 0, 0.0
+        if self.val_loader is not None:
+            self.val_loader = RolledOut(self.val_loader, self)
+
+    # --- rollouts -----------------------------------------------------------------------------
+    def step_batches(self, batches):
+        """The step's micro-batches: freshly rolled out every num_iterations steps, else reused."""
+        start = time.perf_counter()
+        if self.rollouts is None or self.rollout_uses == self.num_iterations:
+            self.rollouts, self.rollout_uses = self.roll_out([next(batches) for _ in range(self.grad_accum_steps)]), 0
+        self.rollout_uses += 1
+        self.generation_seconds = time.perf_counter() - start
+        return self.rollouts
+
+    def roll_out(self, batches):
+        with torch.no_grad(), autocast_context(self.device, self.amp_dtype):
+            rollouts = [self.roll_out_one(b) for b in batches]
+        # advantages over the step's rewards from every rank, as TRL: "batch" scaling needs them all
+        local = torch.cat([r["rewards"] for r in rollouts])
+        everyone = [r.to(local.device) for r in all_gather_object(local.cpu())]
+        start = sum(len(r) for r in everyone[:self.dist.rank])
+        everyone = torch.cat(everyone)
+        advantages = group_advantages(everyone, self.G, self.scale_rewards)[start:start + len(local)]
+        batch_std = everyone.std() if self.scale_rewards == "batch" else None
+        for r, A in zip(rollouts, advantages.split([len(r["rewards"]) for r in rollouts])):
+            r["advantages"] = A
+            r["metrics"].update(reward_metrics(r["rewards"], self.G, batch_std))
+            with torch.no_grad(), autocast_context(self.device, self.amp_dtype):
+                # pi_old is needed only when a rollout is reused; on its first use ratio = 1 exactly
+                r["old_logps"] = self.logps(self.raw_model, r) if self.num_iterations > 1 else None
+                r["ref_logps"] = self.logps(self.ref_model, r) if self.beta > 0 else None
+        return rollouts
+
+    def roll_out_one(self, batch):
+        if "prompt_input_ids" in batch:
+            if not self.reward_fns or self.tokenizer is None:
+                raise ValueError("the batch holds prompt_input_ids (online GRPO), which needs reward_fn= "
+                                 "(a function scoring completions) and tokenizer= (to decode them); pass both, "
+                                 "or give offline batches with input_ids, response_mask and rewards")
+            return online_rollout(self.raw_model, batch, self.tokenizer, self.reward_fns, self.reward_names,
+                                  self.reward_weights, self.G, self.max_completion_length, self.temperature,
+                                  self.top_k, self.generator)
+        if "input_ids" in batch:
+            if self.reward_fns:
+                raise ValueError("the batch holds input_ids (offline GRPO), whose rewards come with it, but "
+                                 "reward_fn was given; drop reward_fn, or give prompt batches (prompt_input_ids)")
+            return offline_rollout(batch, self.G, self.max_completion_length if self.loss_type == "dr_grpo" else None)
+        raise ValueError(f"GRPO batch has neither 'prompt_input_ids' (online) nor 'input_ids' (offline); it has "
+                         f"{sorted(batch)}")
+
+    def logps(self, model, rollout):
+        logits = logits_of(model(rollout["input_ids"], attention_mask=rollout["attention_mask"]))
+        return per_token_logps(logits, rollout["input_ids"], self.temperature)
+
+    # --- the loss -----------------------------------------------------------------------------
+    def count(self, batch):
+        mask = batch["completion_mask"]
+        units = {"grpo": mask.shape[0], "dr_grpo": mask.shape[0] * self.max_completion_length, "bnpo": 1}
+        return mask.sum() if self.loss_type == "dapo" else torch.tensor(units[self.loss_type])
+
+    def compute_loss(self, model, batch):
+        logps = self.logps(model, batch)
+        old, mask = batch["old_logps"], batch["completion_mask"]
+        loss, metrics = grpo_loss(
+            logps, logps.detach() if old is None else old, batch["ref_logps"], batch["advantages"], mask,
+            clip_eps=self.clip_eps, clip_eps_high=self.clip_eps_high, beta=self.beta, loss_type=self.loss_type,
+            max_completion_length=self.max_completion_length, num_items=1 if self.loss_type == "dapo" else None)
+        N = mask.shape[0]  # undo grpo_loss's local mean; the trainer divides by the global count
+        loss_sum = loss * {"grpo": N, "dr_grpo": N * self.max_completion_length}.get(self.loss_type, 1)
+        tokens = mask.sum()
+        out = {name: (value * tokens, tokens) for name, value in metrics.items()}
+        out.update(batch["metrics"])
+        return loss_sum, out
+
+    def training_step(self, micro):
+        start = time.perf_counter()
+        record = super().training_step(micro)
+        step_seconds = self.generation_seconds + time.perf_counter() - start
+        record["generation_fraction"] = self.generation_seconds / step_seconds  # this rank's
+        return record
+
+    # --- checkpoints: the cached rollouts and the sampling stream, for an exact resume ---------
+    def save_checkpoint(self):
+        mine = {"generator": None if self.generator is None else self.generator.get_state(),
+                "rollouts": move(self.rollouts, "cpu"), "rollout_uses": self.rollout_uses}
+        self._rank_states = all_gather_object(mine)  # every rank's, before rank 0 writes
+        super().save_checkpoint()
+
+    def state_dict(self):
+        state = super().state_dict()
+        state["grpo"] = getattr(self, "_rank_states", None)
+        return state
+
+    def load_state_dict(self, state, source="checkpoint"):
+        super().load_state_dict(state, source)
+        if state.get("grpo") is not None:
+            mine = state["grpo"][self.dist.rank]
+            if self.generator is not None and mine["generator"] is not None:
+                self.generator.set_state(mine["generator"])
+            self.rollouts, self.rollout_uses = move(mine["rollouts"], self.device), mine["rollout_uses"]
+

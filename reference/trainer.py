@@ -254,6 +254,10 @@ class Trainer:
     def maybe_resume(self):
         """Load `resume_from` ("latest", a path, or None). Returns the step resumed at, or None."""
         if self.resume_from is None:
+            if self.dist.is_main and self.save_every and ckpt.list_checkpoints(self.checkpoint_dir):
+                raise ValueError(f"{self.checkpoint_dir} already holds checkpoints of an earlier run, which "
+                                 "keep_last pruning and a later resume would mix with this one's; pass "
+                                 "resume_from='latest' to continue that run, or use an empty checkpoint_dir")
             return None
         if self.resume_from == "latest":
             path, state = ckpt.load_latest(self.checkpoint_dir)

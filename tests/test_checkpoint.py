@@ -102,3 +102,9 @@ def test_trainer_save_every_zero_is_a_clear_error(tmp_path):
         t = make_trainer(tmp_path, 5)
         SFTTrainer(model=t.raw_model, optimizer=t.optimizer, train_loader=t.train_loader, val_loader=None,
                    device="cpu", max_epochs=1, grad_accum_steps=1, use_amp=False, save_every=0)
+
+
+def test_trainer_refuses_to_mix_with_an_earlier_runs_checkpoints(tmp_path):
+    make_trainer(tmp_path, 5).train()
+    with pytest.raises(ValueError, match="already holds checkpoints of an earlier run.*resume_from='latest'"):
+        make_trainer(tmp_path, 10).train()

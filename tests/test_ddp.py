@@ -169,3 +169,35 @@ def test_save_every_zero_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         load_chapter("03").get_args(["--save-every", "0"])
     assert "--save-every must be >= 1" in capsys.readouterr().err
+
+
+EXAMPLES = os.path.join(ROOT, "reference", "examples")
+
+
+def test_basic_example_runs_and_resumes(tmp_path):
+    cmd = [sys.executable, os.path.join(EXAMPLES, "basic_trainer_example.py"), "--out", str(tmp_path), "--max-steps", "20"]
+    r = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 20
+    r = subprocess.run(cmd[:-1] + ["30", "--resume"], env=env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
+    assert [x["step"] for x in read_jsonl(tmp_path / "metrics.jsonl")] == list(range(1, 31))
+
+
+def test_distributed_example_under_torchrun(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(EXAMPLES, "distributed_train_example.py"), "--out", str(tmp_path), "--max-steps", "10",
+           "--batch-size", "16"]
+    r = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "2 process(es), step 10" in r.stdout
+    assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 10  # rank 0 alone writes the log
+
+
+def test_a_fresh_run_replaces_an_earlier_runs_checkpoints(tmp_path, capsys):
+    chapter = load_chapter("03")
+    chapter.main(BASE + ["--max-steps", "20", "--batch-size", "8", "--out", str(tmp_path)])
+    chapter.main(BASE + ["--max-steps", "10", "--batch-size", "8", "--out", str(tmp_path), "--seed", "1"])
+    assert "removing the previous run's checkpoints" in capsys.readouterr().out
+    # only the new run's checkpoints: a later --resume cannot pick up the old step 20
+    assert sorted(os.listdir(os.path.join(tmp_path, "checkpoints"))) == ["step_000010"]

@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from contextlib import nullcontext
@@ -302,6 +303,9 @@ def run(args):
     args.amp_dtype = amp_dtype_for(args.amp, args.device)
     torch.manual_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
+    if not args.resume and args.rank == 0 and os.path.isdir(os.path.join(args.out, "checkpoints")):
+        print(f"starting fresh: removing the previous run's checkpoints in {args.out}/checkpoints")
+        shutil.rmtree(os.path.join(args.out, "checkpoints"))  # or a later --resume could pick them up
 
     # data: disjoint train and held-out problems, right-padded batches, labels only on the answer
     tok = CharTokenizer()

@@ -1,0 +1,238 @@
+"""Rollouts for GRPO: prompts in, scored completions out, and the prompt data that feeds them.
+
+Online GRPO does this before any loss: repeat each prompt `group_size` times (one contiguous
+group per prompt), sample completions with the model's KV-cache `generate()`, keep each one up to
+and including its first end token, decode it, and score it with the reward functions. Offline
+GRPO skips all of that: its batches arrive with the completions and rewards already in them.
+
+A rollout is a dict of tensors that `GRPOTrainer.compute_loss` trains on:
+  input_ids [N, T], attention_mask [N, T] or None   prompt + completion, one row per sample
+  completion_mask [N, T-1]                          1 where per_token_logps' position predicts a
+                                                    completion token that is trained
+  rewards [N], completion_ids [N, L] (online), metrics {name: (sum, n)}
+The trainer adds advantages, old_logps and ref_logps.
+"""
+import functools
+
+import torch
+
+from .data import left_pad
+from .rewards import check_rewards
+from .sft import check_batch
+
+
+class PromptDataset(torch.utils.data.Dataset):
+    """Each item: a Problem's prompt as token ids and as text, and the Problem itself."""
+
+    def __init__(self, problems, tokenizer):
+        if len(problems) == 0:
+            raise ValueError("PromptDataset got an empty list of problems; make the train split larger")
+        self.problems = list(problems)
+        self.prompt_ids = [tokenizer.encode(p.prompt) for p in self.problems]
+
+    def __len__(self):
+        return len(self.problems)
+
+    def __getitem__(self, i):
+        return {"prompt_ids": self.prompt_ids[i], "prompt": self.problems[i].prompt,
+                "problem": self.problems[i]}
+
+
+class PromptCollator:
+    """Left-pads prompts for generation: `prompt_input_ids`, `prompt_attention_mask` [B, P], plus
+    `prompts` (list of str) and `problems` (list of Problem) for the reward functions.
+
+    The default collate would try to stack the Problems; this keeps them as plain lists."""
+
+    def __init__(self, pad_id):
+        self.pad_id = pad_id
+
+    def __call__(self, items):
+        ids, mask = left_pad([it["prompt_ids"] for it in items], self.pad_id)
+        return {"prompt_input_ids": ids, "prompt_attention_mask": mask,
+                "prompts": [it["prompt"] for it in items], "problems": [it["problem"] for it in items]}
+
+
+def special_ids(tokenizer):
+    """(eos_id, pad_id) of our CharTokenizer or of a Hugging Face tokenizer."""
+    eos = getattr(tokenizer, "eos_id", getattr(tokenizer, "eos_token_id", None))
+    pad = getattr(tokenizer, "pad_id", getattr(tokenizer, "pad_token_id", None))
+    if eos is None:
+        raise ValueError("the tokenizer has no end token (eos_id / eos_token_id); GRPO needs one to "
+                         "know where a completion ends")
+    return eos, eos if pad is None else pad
+
+
+def context_length(model):
+    """The longest sequence the model accepts, or None if its config does not say."""
+    cfg = getattr(model, "config", None)
+    for name in ("block_size", "max_position_embeddings", "n_positions"):
+        if getattr(cfg, name, None):
+            return getattr(cfg, name)
+    return None
+
+
+def completion_mask(completion_ids, eos_id):
+    """(mask [N, L], ended [N]): mask is 1 up to and including the first end token, so the end
+    token is trained and whatever follows it is not; rows that never ended are all 1."""
+    is_eos = completion_ids == eos_id
+    ended = is_eos.any(dim=1)
+    L = completion_ids.shape[1]
+    first = torch.where(ended, is_eos.int().argmax(dim=1), torch.full_like(ended, L, dtype=torch.long))
+    mask = torch.arange(L, device=completion_ids.device)[None, :] <= first[:, None]
+    return mask, ended
+
+
+def repeat_per_sample(value, batch_size, group_size):
+    """A batch field repeated once per sample: lists and tensors of length B, element by element."""
+    if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == batch_size:
+        return value.repeat_interleave(group_size, dim=0)
+    if isinstance(value, (list, tuple)) and len(value) == batch_size:
+        return [v for v in value for _ in range(group_size)]
+    return value
+
+
+def reward_functions(reward_fn, reward_weights=None):
+    """(functions, weights, names) from one reward function or a list; weights default to 1."""
+    fns = [] if reward_fn is None else list(reward_fn) if isinstance(reward_fn, (list, tuple)) else [reward_fn]
+    if not all(callable(fn) for fn in fns):
+        raise ValueError("reward_fn must be a callable reward_fn(prompts, completions, **batch) -> "
+                         "list[float], or a list of them")
+    weights = [1.0] * len(fns) if reward_weights is None else [float(w) for w in reward_weights]
+    if len(weights) != len(fns):
+        raise ValueError(f"reward_weights has {len(weights)} weights for {len(fns)} reward functions; "
+                         "give one weight per function")
+    return fns, weights, reward_names(fns)
+
+
+def reward_names(reward_fns):
+    """`rewards/<name>` for each reward function: its __name__ (a partial's function, an object's
+    class), made unique with a suffix."""
+    names = []
+    for i, fn in enumerate(reward_fns):
+        base = fn.func if isinstance(fn, functools.partial) else fn
+        name = getattr(base, "__name__", type(base).__name__)
+        names.append(f"{name}_{i}" if name in names else name)
+    return names
+
+
+def score(reward_fns, names, weights, prompts, completions, **batch):
+    """(weighted total reward [N], each function's rewards [N, F]), each function checked."""
+    columns = [check_rewards(fn(prompts=prompts, completions=completions, **batch), len(completions), name)
+               for fn, name in zip(reward_fns, names)]
+    per_fn = torch.tensor(columns, dtype=torch.float32).T.reshape(len(completions), len(reward_fns))
+    return (per_fn * torch.tensor(weights, dtype=torch.float32)).sum(dim=1), per_fn
+
+
+@torch.no_grad()
+def online_rollout(model, batch, tokenizer, reward_fns, names, weights, group_size, max_completion_length,
+                   temperature=1.0, top_k=None, generator=None):
+    """Sample `group_size` completions per prompt, mask, decode and score them."""
+    keys = ["prompt_input_ids"] + (["prompt_attention_mask"] if "prompt_attention_mask" in batch else [])
+    check_batch(batch, keys, "GRPO online")
+    prompt_ids = batch["prompt_input_ids"]
+    prompt_mask = batch.get("prompt_attention_mask", torch.ones_like(prompt_ids))
+    B, P = prompt_ids.shape
+    limit = context_length(model)
+    if limit is not None and P + max_completion_length > limit:
+        raise ValueError(f"prompt_input_ids has length {P}, and {P} + max_completion_length "
+                         f"{max_completion_length} exceeds the model's context of {limit} tokens; use "
+                         "shorter prompts, a smaller max_completion_length, or a larger block_size")
+    eos_id, pad_id = special_ids(tokenizer)
+    ids = prompt_ids.repeat_interleave(group_size, dim=0)  # rows g*G .. g*G+G-1: prompt g's group
+    mask = prompt_mask.repeat_interleave(group_size, dim=0)
+    was_training = model.training
+    model.eval()  # no dropout while sampling
+    try:
+        completion_ids = model.generate(ids, mask, max_new_tokens=max_completion_length, temperature=temperature,
+                                        top_k=top_k, do_sample=True, eos_token_id=eos_id, pad_token_id=pad_id,
+                                        generator=generator)
+    finally:
+        model.train(was_training)
+    keep, ended = completion_mask(completion_ids, eos_id)
+    lengths = keep.sum(dim=1)
+    text_lengths = lengths - ended.long()  # the text stops before the end token
+    completions = [tokenizer.decode(row[:n].tolist()) for row, n in zip(completion_ids, text_lengths.tolist())]
+    prompts = batch.get("prompts") or [tokenizer.decode(row[m.bool()].tolist())
+                                       for row, m in zip(prompt_ids, prompt_mask)]
+    extras = {k: repeat_per_sample(v, B, group_size) for k, v in batch.items()
+              if k not in ("prompts", "prompt_input_ids", "prompt_attention_mask")}
+    rewards, per_fn = score(reward_fns, names, weights, repeat_per_sample(list(prompts), B, group_size),
+                            completions, ended=ended.tolist(), **extras)
+    N = B * group_size
+    metrics = {f"rewards/{name}": (per_fn[:, i].sum(), N) for i, name in enumerate(names)}
+    metrics["completions/mean_length"] = (lengths.sum().float(), N)
+    metrics["completions/clipped_ratio"] = ((~ended).sum().float(), N)
+    # logits at P-1+j predict completion token j; prompt positions are never trained
+    trained = torch.cat([torch.zeros_like(mask[:, 1:], dtype=torch.bool), keep], dim=1)
+    return {"input_ids": torch.cat([ids, completion_ids], dim=1),
+            "attention_mask": torch.cat([mask, keep.long()], dim=1), "completion_mask": trained,
+            "completion_ids": completion_ids, "rewards": rewards.to(ids.device), "metrics": metrics}
+
+
+def offline_rollout(batch, group_size, max_completion_length=None):
+    """Check an offline batch and put it in rollout form; nothing is generated or scored."""
+    keys = ["input_ids", "response_mask"] + (["attention_mask"] if "attention_mask" in batch else [])
+    check_batch(batch, keys, "GRPO offline")
+    if "rewards" not in batch:
+        raise ValueError(f"GRPO offline batch is missing 'rewards' (it has {sorted(batch)}); give one "
+                         "reward per row, [B]")
+    ids, response = batch["input_ids"], batch["response_mask"].bool()
+    B = ids.shape[0]
+    rewards = torch.as_tensor(batch["rewards"], dtype=torch.float32, device=ids.device)
+    if tuple(rewards.shape) != (B,):
+        raise ValueError(f"GRPO offline batch key 'rewards' has shape {tuple(rewards.shape)}; expected "
+                         f"[B] = ({B},), one reward per row")
+    if B % group_size:
+        raise ValueError(f"GRPO offline batch has {B} rows, not divisible by num_samples_per_prompt="
+                         f"{group_size}: each prompt's {group_size} samples must sit in one batch. Make "
+                         "the batch size a multiple of it, and keep each group's rows together")
+    if not torch.isfinite(rewards).all():
+        raise ValueError("GRPO offline batch key 'rewards' holds NaN or inf; give a finite reward per row")
+    trained = response[:, 1:]  # position 0 has no context to be predicted from
+    lengths = trained.sum(dim=1)
+    if (lengths == 0).any():
+        row = int((lengths == 0).nonzero()[0])
+        raise ValueError(f"GRPO offline batch row {row} has no response tokens to train (response_mask "
+                         "is 0 after position 0); mark its response with 1s, or drop the row")
+    if max_completion_length is not None and int(lengths.max()) > max_completion_length:
+        raise ValueError(f"a response has {int(lengths.max())} tokens, more than max_completion_length="
+                         f"{max_completion_length}, the constant loss_type='dr_grpo' divides by; raise it")
+    return {"input_ids": ids, "attention_mask": batch.get("attention_mask"), "completion_mask": trained,
+            "rewards": rewards, "metrics": {"completions/mean_length": (lengths.sum().float(), B)}}
+
+
+def reward_metrics(rewards, group_size, batch_std=None):
+    """reward, reward_std and frac_reward_zero_std as (sum, n), TRL's way: reward_std is the
+    mean of the groups' stds, or the std of the whole batch when `batch_std` (scale_rewards=
+    "batch") is given."""
+    grouped = rewards.view(-1, group_size)
+    groups, N = grouped.shape[0], rewards.numel()
+    all_equal = (grouped == grouped[:, :1]).all(dim=1)
+    std = (grouped.std(dim=1).sum(), groups) if batch_std is None else (batch_std * N, N)
+    return {"reward": (rewards.sum(), N), "reward_std": std,
+            "frac_reward_zero_std": (all_equal.sum().float(), groups)}
+
+
+class RolledOut:
+    """A val_loader whose batches are rolled out (generated, scored) before evaluate() sees them.
+    Its loss is the surrogate at ratio 1, a check that the pipeline runs, not a quality measure:
+    use eval_fn (e.g. exact match) for that."""
+
+    def __init__(self, loader, trainer):
+        self.loader, self.trainer = loader, trainer
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield self.trainer.roll_out([self.trainer.to_device(batch)])[0]
+
+
+def move(obj, device):
+    """The tensors in nested dicts, lists and tuples, moved to `device` (for checkpoints)."""
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: move(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(move(v, device) for v in obj)
+    return obj
