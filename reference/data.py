@@ -62,13 +62,16 @@ def make_addition_splits(digits=2, n_eval=500, n_train=None, seed=0):
     """Disjoint (train, eval) lists of Problems with 0 <= a, b < 10**digits.
 
     Every pair is drawn at most once, so no eval problem is ever trained on. For 1-3 digits the
-    whole space is enumerated and shuffled; `n_train=None` then takes every pair not held out."""
+    whole space is enumerated and shuffled; `n_train=None` takes every pair not held out, up to
+    200,000 (4 digits and more have 10**8 pairs and up: a sample, not all of them)."""
     if digits < 1:
         raise ValueError(f"digits must be >= 1, got {digits}")
     size = 10 ** digits
     space = size * size
+    if n_train is None:
+        n_train = min(space - n_eval, 200_000)
     rng = random.Random(seed)
-    want = n_eval + (n_train if n_train is not None else space - n_eval)
+    want = n_eval + n_train
     if n_eval < 1 or want > space:
         raise ValueError(f"n_eval={n_eval} and n_train={n_train} do not fit in the {space} "
                          f"distinct {digits}-digit problems")

@@ -1,8 +1,9 @@
 """Chapter 01: the plain training loop.
 
 Supervised fine-tuning (SFT) of a tiny GPT on n-digit addition ("12+34=" -> "46<eos>"):
-masked next-token loss, AdamW with weight decay on matrices only, linear warmup then cosine
-decay, periodic evaluation, and one JSON record per optimizer step in DIR/metrics.jsonl.
+masked next-token loss, AdamW with weight decay on linear-layer weights only, linear warmup
+then cosine decay, periodic evaluation, and one JSON record per optimizer step in
+DIR/metrics.jsonl.
 
     python tutorial/01_loop/train.py --out runs/01_loop
 """
