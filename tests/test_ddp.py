@@ -201,3 +201,8 @@ def test_a_fresh_run_replaces_an_earlier_runs_checkpoints(tmp_path, capsys):
     assert "removing the previous run's checkpoints" in capsys.readouterr().out
     # only the new run's checkpoints: a later --resume cannot pick up the old step 20
     assert sorted(os.listdir(os.path.join(tmp_path, "checkpoints"))) == ["step_000010"]
+
+
+def test_a_batch_larger_than_the_shard_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="fewer than one --batch-size 20000"):
+        load_chapter("03").main(BASE + ["--batch-size", "20000", "--out", str(tmp_path)])

@@ -320,6 +320,9 @@ def run(args):
                                                drop_last=True, collate_fn=collate,
                                                generator=torch.Generator().manual_seed(args.seed))
     val_loader = torch.utils.data.DataLoader(SFTDataset(eval_problems, tok), batch_size=256, collate_fn=collate)
+    if len(train_loader) == 0:  # or forever() would spin without end
+        raise ValueError(f"each of the {args.world_size} process(es) gets {len(sampler)} training problems, "
+                         f"fewer than one --batch-size {args.batch_size}; lower --batch-size")
 
     # model, optimizer and learning-rate schedule
     cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=4 * args.digits + 4,
