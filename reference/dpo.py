@@ -13,7 +13,9 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .sft import check_batch
+from .runtime import autocast_context
+from .sft import check_batch, logits_of
+from .trainer import Trainer
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
@@ -143,3 +145,167 @@ def check_dpo_batch(batch):
 # --- DPOTrainer ---------------------------------------------------------------------------
 # The trainer (a `Trainer` subclass: `count` = pairs, `compute_loss` = the functions above)
 # goes below this line.
+
+def chosen_nll(chosen_logps, chosen_labels):
+    """RPO's extra term (Pang et al., 2024; TRL's `rpo_alpha`): each chosen completion's negative
+    log-likelihood per token [B]. DPO only asks that chosen beat rejected, and on pairs that
+    differ in a token or two it gets there by lowering both; this keeps chosen's likelihood up."""
+    return -chosen_logps / (chosen_labels[:, 1:] != -100).sum(dim=1)
+
+
+class ReferenceLogps:
+    """The reference model's log-probs of every pair, computed once and looked up by the pair's
+    tokens. Keyed by content, not by position in a loader, so a lookup hits whatever the
+    sampler, epoch, rank or resume point that delivered the pair."""
+
+    def __init__(self):
+        self.table = {}
+
+    @staticmethod
+    def keys(batch):
+        """One key per pair: each side's tokens and labels up to its last labelled position. A
+        causal model's log-probs depend on nothing after it, so neither padding nor the mask
+        changes the key."""
+        sides = []
+        for side in ("chosen", "rejected"):
+            labels = batch[f"{side}_labels"]
+            positions = torch.arange(1, labels.shape[1] + 1, device=labels.device)
+            lengths = ((labels != -100) * positions).amax(dim=1).tolist()
+            ids, labels = batch[f"{side}_input_ids"].tolist(), labels.tolist()
+            sides.append([(tuple(i[:n]), tuple(l[:n])) for i, l, n in zip(ids, labels, lengths)])
+        return list(zip(*sides))
+
+    def add(self, batch, chosen_logps, rejected_logps):
+        for key, c, r in zip(self.keys(batch), chosen_logps.tolist(), rejected_logps.tolist()):
+            self.table[key] = (c, r)
+
+    def lookup(self, batch, device):
+        try:
+            pairs = [self.table[key] for key in self.keys(batch)]
+        except KeyError:
+            raise ValueError("a DPO pair is not among the reference log-probs precomputed before "
+                             "training (from train_loader's and val_loader's datasets); feed only "
+                             "those loaders' batches, or pass ref_model with "
+                             "precompute_ref_logps=False") from None
+        logps = torch.tensor(pairs, dtype=torch.float32, device=device)
+        return logps[:, 0], logps[:, 1]
+
+
+def disable_dropout(model):
+    """Dropout off for good, even in train mode (TRL's disable_dropout): with it, the policy's
+    log-probs are noisy and differ from the reference's even where the weights are the same."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        elif isinstance(getattr(module, "dropout", None), float):  # TinyGPT's attention dropout
+            module.dropout = 0.0
+    return model
+
+
+class DPOTrainer(Trainer):
+    """Direct preference optimization of `model` against the frozen `ref_model`.
+
+    Each step's loss is the mean per-pair DPO loss over every pair of the step (micro-batches
+    and ranks included), plus `rpo_alpha` times the chosen completion's per-token NLL when
+    `rpo_alpha` is set (RPO; TRL's name). The reference log-probs come from the batch
+    (`ref_chosen_logps`, `ref_rejected_logps`), from a table computed once before training
+    (`precompute_ref_logps=True`, after which the reference model is freed), or from a forward
+    pass of `ref_model` without an autograd graph. Dropout is turned off in both models (the
+    policy's modules are changed in place, as TRL's disable_dropout does)."""
+
+    def __init__(self, model, ref_model, optimizer, train_loader, val_loader=None, beta=0.1,
+                 device="auto", max_epochs=1, loss_type="sigmoid", label_smoothing=0.0,
+                 precompute_ref_logps=False, pad_token_id=0, rpo_alpha=None, **trainer_kwargs):
+        # check before the Trainer joins a process group or moves anything
+        dpo_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), beta=beta,
+                 loss_type=loss_type, label_smoothing=label_smoothing)  # its ValueErrors name the bad option
+        if rpo_alpha is not None and not rpo_alpha >= 0:
+            raise ValueError(f"rpo_alpha must be >= 0 (the weight of the chosen completion's NLL; the RPO "
+                             f"paper uses 1.0), or None for plain DPO; got {rpo_alpha}")
+        if ref_model is model:
+            raise ValueError("ref_model is the policy itself; it must be a frozen copy of the starting "
+                             "policy: ref_model=copy.deepcopy(model)")
+        if ref_model is None and precompute_ref_logps:
+            raise ValueError("precompute_ref_logps=True needs ref_model to compute them with; pass "
+                             "ref_model=copy.deepcopy(model) (a frozen copy of the starting policy)")
+        super().__init__(model, optimizer, train_loader, val_loader=val_loader, device=device,
+                         max_epochs=max_epochs, **trainer_kwargs)
+        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+        self.precompute_ref_logps, self.pad_token_id, self.rpo_alpha = precompute_ref_logps, pad_token_id, rpo_alpha
+        disable_dropout(self.raw_model)
+        if ref_model is not None:
+            # frozen: no gradients, no optimizer, no dropout; its forward builds no graph
+            ref_model = disable_dropout(ref_model.to(self.device).eval().requires_grad_(False))
+        self.ref_model, self.ref_logps = ref_model, None
+
+    def count(self, batch):
+        """Pairs: what the DPO loss is averaged over. Checks the batch on the way."""
+        return torch.tensor(check_dpo_batch(batch))
+
+    def concatenated_forward(self, model, batch):
+        """log p(chosen) and log p(rejected) `[B]` each, from one forward pass over both halves."""
+        ids, labels, mask = concat_pairs(batch, self.pad_token_id)
+        logps = sequence_logps(logits_of(model(ids, attention_mask=mask)), labels)
+        B = batch["chosen_input_ids"].shape[0]
+        return logps[:B], logps[B:]
+
+    def reference_logps(self, batch):
+        given = [key for key in ("ref_chosen_logps", "ref_rejected_logps") if key in batch]
+        if len(given) == 1:
+            raise ValueError(f"DPO batch has {given[0]!r} but not its other half; precomputed "
+                             "reference log-probs come as 'ref_chosen_logps' and 'ref_rejected_logps'")
+        if given:
+            return batch["ref_chosen_logps"].float(), batch["ref_rejected_logps"].float()
+        if self.ref_logps is not None:
+            return self.ref_logps.lookup(batch, self.device)
+        if self.ref_model is None:
+            raise ValueError("DPO batch has no 'ref_chosen_logps'/'ref_rejected_logps' and the trainer "
+                             "has no ref_model to compute them: pass ref_model=copy.deepcopy(model) "
+                             "(a frozen copy of the starting policy), optionally with "
+                             "precompute_ref_logps=True, or add the reference log-probs to the batches")
+        with torch.no_grad():
+            return self.concatenated_forward(self.ref_model, batch)
+
+    def compute_loss(self, model, batch):
+        chosen_logps, rejected_logps = self.concatenated_forward(model, batch)
+        ref_chosen_logps, ref_rejected_logps = self.reference_logps(batch)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=self.beta,
+            loss_type=self.loss_type, label_smoothing=self.label_smoothing)
+        metrics = dpo_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps)
+        if self.rpo_alpha is not None:
+            nll = chosen_nll(chosen_logps, batch["chosen_labels"])
+            losses = losses + self.rpo_alpha * nll
+            metrics["nll_loss"] = (nll.detach().sum(), nll.numel())
+        return losses.sum(), metrics
+
+    def train(self):
+        if self.precompute_ref_logps and self.ref_logps is None:
+            self.ref_logps = self.compute_reference_logps()
+            self.ref_model = None  # its work is done: free its memory for the policy's training
+        return super().train()
+
+    @torch.no_grad()
+    def compute_reference_logps(self):
+        """Score every pair of the train (and val) datasets under the reference, once. Every rank
+        scores all of them: any rank may meet any pair in a later epoch's shuffle."""
+        table = ReferenceLogps()
+        for loader in (self.train_loader, self.val_loader):
+            for batch in _every_pair(loader):
+                batch = self.to_device(batch)
+                with autocast_context(self.device, self.amp_dtype):  # as the online reference would run
+                    table.add(batch, *self.concatenated_forward(self.ref_model, batch))
+        return table
+
+
+def _every_pair(loader):
+    """The batches of every pair in `loader`'s dataset, in order: a DataLoader's dataset read
+    without its sampler, so pairs that its shuffle, shard or drop_last skip this epoch are in too;
+    anything else (a list of batches) as it is."""
+    if loader is None:
+        return []
+    dataset = getattr(loader, "dataset", None)
+    if isinstance(loader, torch.utils.data.DataLoader) and not isinstance(dataset, torch.utils.data.IterableDataset):
+        return torch.utils.data.DataLoader(dataset, batch_size=loader.batch_size or 1,
+                                           collate_fn=loader.collate_fn)
+    return loader

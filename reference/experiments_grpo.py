@@ -1,0 +1,162 @@
+"""Chapter 05's experiment with the reference trainers: SFTTrainer to a weak start, then
+GRPOTrainer, online, on the model's own samples scored by `reference.rewards`. The same data,
+model, random draws, sampling stream (generation_seed = --seed, plus the rank) and output layout
+as `tutorial/05_grpo/train.py`: DIR/sft/ holds the SFT phase, DIR/metrics.jsonl and
+DIR/checkpoints/ the GRPO phase. With --method dpo it is chapter 04's experiment.
+
+`python -m reference 05 [flags]` calls `experiments.run("05", argv)`, which calls `run_grpo`."""
+import argparse
+import copy
+import os
+import time
+
+import torch
+from torch.utils.data.distributed import DistributedSampler
+
+from .data import CharTokenizer, exact_match, make_addition_splits
+from .distributed import teardown, torchrun_env
+from .experiments import build_model, sft_loaders, trainer_options, write_summary
+from .grpo import GRPOTrainer
+from .optimizer import configure_optimizer, warmup_cosine_scheduler
+from .rewards import correctness_reward, format_reward
+from .rollout import PromptCollator, PromptDataset
+from .runtime import resolve_device
+from .sft import SFTTrainer
+
+DPO_LOSSES, GRPO_LOSSES = ("sigmoid", "ipo", "hinge"), ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+def get_args(argv=None):
+    """The flags of tutorial/05_grpo/train.py, with the same names and defaults."""
+    p = argparse.ArgumentParser(prog="python -m reference 05",
+                                description="Chapter 05's experiment with the reference trainers.")
+    p.add_argument("--out", default="runs/reference_05")
+    p.add_argument("--max-steps", type=int, default=150)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--grad-accum-steps", type=int, default=1)
+    p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--warmup-steps", type=int, default=30)
+    p.add_argument("--digits", type=int, default=2)
+    p.add_argument("--eval-size", type=int, default=500)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--n-layer", type=int, default=2)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=64)
+    p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--keep-last", type=int, default=2)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--sft-steps", type=int, default=180)
+    p.add_argument("--beta", type=float, default=None)  # DPO: 0.1; GRPO: 0.0 (no KL, no reference model)
+    p.add_argument("--dpo-lr", type=float, default=1e-3)
+    p.add_argument("--dpo-warmup-steps", type=int, default=10)
+    p.add_argument("--loss-type", default=None, choices=DPO_LOSSES + GRPO_LOSSES)
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--precompute-ref-logps", action="store_true")
+    p.add_argument("--method", default="grpo", choices=["grpo", "dpo"])
+    p.add_argument("--num-samples-per-prompt", type=int, default=8)
+    p.add_argument("--clip-eps", type=float, default=0.2)
+    p.add_argument("--num-iterations", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--max-completion-length", type=int, default=None)
+    p.add_argument("--grpo-lr", type=float, default=5e-4)
+    p.add_argument("--grpo-warmup-steps", type=int, default=10)
+    p.add_argument("--format-reward-weight", type=float, default=0.0)
+    args = p.parse_args(argv)
+    if args.beta is None:
+        args.beta = 0.1 if args.method == "dpo" else 0.0
+    if args.loss_type is None:
+        args.loss_type = "sigmoid" if args.method == "dpo" else "grpo"
+    if (args.loss_type in DPO_LOSSES) != (args.method == "dpo"):
+        p.error(f"--loss-type {args.loss_type} is not a --method {args.method} loss")
+    for name in ("max_steps", "batch_size", "eval_every", "eval_size", "grad_accum_steps", "save_every",
+                 "keep_last", "sft_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.max_grad_norm <= 0:
+        p.error("--max-grad-norm must be > 0")
+    if args.method == "dpo" and (args.beta <= 0 or args.dpo_lr <= 0):
+        p.error("--beta and --dpo-lr must be > 0")
+    if not 0 <= args.label_smoothing < 0.5:
+        p.error("--label-smoothing must be in [0, 0.5)")
+    if args.method == "grpo" and args.batch_size % max(1, args.num_samples_per_prompt):
+        p.error(f"--batch-size {args.batch_size} (completions per micro-batch) must be a multiple of "
+                f"--num-samples-per-prompt {args.num_samples_per_prompt}")
+    return args  # GRPOTrainer checks the GRPO values themselves (G >= 2, beta >= 0, ...)
+
+
+def run(argv=None):
+    """`python -m reference 05`: returns the summary (None on ranks other than 0)."""
+    args = get_args(argv)
+    try:
+        summary = run_grpo(args)
+    except BaseException:
+        teardown(barrier=False)
+        raise
+    teardown()
+    return summary
+
+
+def prompt_loader(args, tok, train_problems):
+    """Prompts, left-padded, sharded by a DistributedSampler: --batch-size / G per micro-batch."""
+    prompts = PromptDataset(train_problems, tok)
+    env = torchrun_env()
+    sampler = DistributedSampler(prompts, num_replicas=env.world_size, rank=env.rank, shuffle=True,
+                                 seed=args.seed, drop_last=True)
+    return torch.utils.data.DataLoader(prompts, batch_size=args.batch_size // args.num_samples_per_prompt,
+                                       sampler=sampler, drop_last=True, collate_fn=PromptCollator(tok.pad_id),
+                                       generator=torch.Generator().manual_seed(args.seed))
+
+
+def run_grpo(args):
+    if args.method == "dpo":
+        from .experiments_dpo import run_dpo
+        return run_dpo(args)
+    device = resolve_device(args.device)
+    torch.manual_seed(args.seed)  # the same order of random draws as the chapter script
+    tok = CharTokenizer()
+    train_problems, eval_problems = make_addition_splits(args.digits, args.eval_size, seed=args.seed)
+    train_loader, val_loader = sft_loaders(args, tok, train_problems, eval_problems, "05")
+    model = build_model(args, tok, device)
+
+    # phase 1: SFT to a weak start, in DIR/sft (with --resume, a finished phase only loads its end)
+    optimizer = configure_optimizer(model=model, optimizer_type="adamw", lr=args.lr, weight_decay=args.weight_decay)
+    sft = SFTTrainer(
+        model=model, optimizer=optimizer, train_loader=train_loader, val_loader=val_loader, device=device,
+        max_steps=args.sft_steps, scheduler=warmup_cosine_scheduler(optimizer, args.warmup_steps, args.sft_steps),
+        eval_every=args.eval_every, out_dir=os.path.join(args.out, "sft"),
+        eval_fn=lambda m: {"accuracy": exact_match(m, eval_problems, tok, device=device)}, **trainer_options(args))
+    start = time.perf_counter()
+    sft.train()
+    sft_seconds = time.perf_counter() - start
+
+    # phase 2: GRPO on the model's own samples; evaluated as the SFT phase is (held-out loss, exact match)
+    start = time.perf_counter()
+    rewards, weights = [correctness_reward], [1.0]
+    if args.format_reward_weight > 0:
+        rewards, weights = rewards + [format_reward], weights + [args.format_reward_weight]
+    optimizer = configure_optimizer(model=model, optimizer_type="adamw", lr=args.grpo_lr,
+                                    weight_decay=args.weight_decay)
+    grpo = GRPOTrainer(
+        model=model, optimizer=optimizer, train_loader=prompt_loader(args, tok, train_problems), device=device,
+        num_samples_per_prompt=args.num_samples_per_prompt, clip_eps=args.clip_eps, reward_fn=rewards,
+        reward_weights=weights, tokenizer=tok, ref_model=copy.deepcopy(model) if args.beta > 0 else None,
+        beta=args.beta, num_iterations=args.num_iterations, loss_type=args.loss_type, temperature=args.temperature,
+        top_k=args.top_k, max_completion_length=args.max_completion_length or args.digits + 2,
+        generation_seed=args.seed, max_steps=args.max_steps,
+        scheduler=warmup_cosine_scheduler(optimizer, args.grpo_warmup_steps, args.max_steps),
+        eval_every=args.eval_every, out_dir=args.out,
+        eval_fn=lambda m: {k: v for k, v in sft.evaluate().items() if k in ("loss", "accuracy")},
+        **trainer_options(args))
+    eval_accuracy_sft = exact_match(model, eval_problems, tok, device=device)  # the starting point
+    history = grpo.train()
+    grpo_seconds = time.perf_counter() - start
+    last_eval = ([r for r in history if r.get("split") == "eval"] or [{}])[-1]
+    return write_summary(args, grpo, history, sft_seconds + grpo_seconds,
+                         eval_accuracy_sft=eval_accuracy_sft, eval_accuracy_grpo=last_eval.get("accuracy"),
+                         sft_steps=args.sft_steps, sft_seconds=sft_seconds, grpo_seconds=grpo_seconds)
