@@ -4,13 +4,13 @@
 
 Prints "identical" (exit 0), or the first step and key whose values differ beyond the
 tolerance, with both values (exit 1). Keys that only one file has are listed but not compared;
-wall-clock keys are never compared."""
+wall-clock keys (seconds, time, generation fraction) are never compared."""
 import argparse
 import json
 import math
 import sys
 
-VOLATILE = ("seconds", "time")
+VOLATILE = ("seconds", "time", "fraction")  # wall-clock measurements
 
 
 def load(path):
