@@ -129,12 +129,14 @@ def run(chapter, argv=None):
     return summary
 
 
-def start_fresh(args):
-    """Like the chapter scripts: a run without --resume replaces an earlier run's checkpoints."""
-    path = os.path.join(args.out, "checkpoints")
-    if not getattr(args, "resume", False) and torchrun_env().is_main and os.path.isdir(path):
-        print(f"starting fresh: removing the previous run's checkpoints in {path}")
-        shutil.rmtree(path)
+def start_fresh(args, *outs):
+    """Like the chapter scripts: a run without --resume replaces an earlier run's checkpoints, in
+    each of `outs` (default: --out; a two-phase chapter passes both of its phases' folders)."""
+    for out in outs or (args.out,):
+        path = os.path.join(out, "checkpoints")
+        if not getattr(args, "resume", False) and torchrun_env().is_main and os.path.isdir(path):
+            print(f"starting fresh: removing the previous run's checkpoints in {path}")
+            shutil.rmtree(path)
 
 
 def run_sft(chapter, args):

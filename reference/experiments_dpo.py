@@ -4,7 +4,6 @@ DPOTrainer against a frozen copy of it. The same data, model, random draws and o
 the DPO phase.
 
 `python -m reference 04 [flags]` calls `experiments.run("04", argv)`, which calls `run_dpo`."""
-import argparse
 import copy
 import os
 import time
@@ -39,8 +38,7 @@ def pair_loaders(args, tok, train_problems, eval_problems):
 
 
 def run_dpo(args):
-    for out in (os.path.join(args.out, "sft"), args.out):  # the SFT phase's checkpoints, and DPO's
-        start_fresh(argparse.Namespace(out=out, resume=args.resume))
+    start_fresh(args, os.path.join(args.out, "sft"), args.out)  # the SFT phase's folder, and DPO's
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)  # the same order of random draws as the chapter script
     tok = CharTokenizer()

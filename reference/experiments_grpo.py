@@ -15,7 +15,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from .data import CharTokenizer, exact_match, make_addition_splits
 from .distributed import teardown, torchrun_env
-from .experiments import build_model, sft_loaders, trainer_options, write_summary
+from .experiments import build_model, sft_loaders, start_fresh, trainer_options, write_summary
 from .grpo import GRPOTrainer
 from .optimizer import configure_optimizer, warmup_cosine_scheduler
 from .rewards import correctness_reward, format_reward
@@ -117,6 +117,7 @@ def run_grpo(args):
     if args.method == "dpo":
         from .experiments_dpo import run_dpo
         return run_dpo(args)
+    start_fresh(args, os.path.join(args.out, "sft"), args.out)  # the SFT phase's folder, and GRPO's
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)  # the same order of random draws as the chapter script
     tok = CharTokenizer()

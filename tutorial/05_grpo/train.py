@@ -24,6 +24,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from contextlib import nullcontext
@@ -593,6 +594,10 @@ def run(args):
     args.amp_dtype = amp_dtype_for(args.amp, args.device)
     torch.manual_seed(args.seed)
     os.makedirs(os.path.join(args.out, "sft"), exist_ok=True)
+    for out in (os.path.join(args.out, "sft"), args.out):  # the SFT phase's, and the DPO or GRPO phase's
+        if not args.resume and args.rank == 0 and os.path.isdir(os.path.join(out, "checkpoints")):
+            print(f"starting fresh: removing the previous run's checkpoints in {out}/checkpoints")
+            shutil.rmtree(os.path.join(out, "checkpoints"))  # or a later --resume could pick them up
 
     # data: disjoint train and held-out problems, right-padded batches, labels only on the answer
     tok = CharTokenizer()
@@ -607,6 +612,9 @@ def run(args):
                                                drop_last=True, collate_fn=collate,
                                                generator=torch.Generator().manual_seed(args.seed))
     val_loader = torch.utils.data.DataLoader(SFTDataset(eval_problems, tok), batch_size=256, collate_fn=collate)
+    if len(train_loader) == 0:  # or forever() would spin without end
+        raise ValueError(f"each of the {args.world_size} process(es) gets {len(sampler)} training problems, "
+                         f"fewer than one --batch-size {args.batch_size}; lower --batch-size")
 
     # model, optimizer and learning-rate schedule
     cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=4 * args.digits + 4,
