@@ -19,6 +19,7 @@ from .runtime import resolve_device
 from .sft import SFTTrainer
 
 CHAPTERS = ("01", "02", "03", "04", "05")
+DPO_LOSSES, GRPO_LOSSES = ("sigmoid", "ipo", "hinge"), ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
 def get_args(chapter, argv=None):
@@ -26,10 +27,10 @@ def get_args(chapter, argv=None):
     p = argparse.ArgumentParser(prog=f"python -m reference {chapter}",
                                 description=f"Chapter {chapter}'s experiment with the reference trainers.")
     p.add_argument("--out", default=f"runs/reference_{chapter}")
-    p.add_argument("--max-steps", type=int, default=150 if chapter == "04" else 800)
+    p.add_argument("--max-steps", type=int, default={"04": 150, "05": None}.get(chapter, 800))  # 05: by --method
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--batch-size", type=int, default=64 if chapter == "04" else 256)
+    p.add_argument("--batch-size", type=int, default=64 if chapter >= "04" else 256)
     if chapter >= "02":
         p.add_argument("--grad-accum-steps", type=int, default=1)
         p.add_argument("--amp", default="bf16", choices=["off", "bf16", "fp16"])
@@ -47,29 +48,50 @@ def get_args(chapter, argv=None):
         p.add_argument("--save-every", type=int, default=200)
         p.add_argument("--keep-last", type=int, default=2)
         p.add_argument("--resume", action="store_true")
-    if chapter >= "04":  # --max-steps is the DPO phase's; SFT first trains --sft-steps to a weak start
+    if chapter >= "04":  # --max-steps is the DPO (or GRPO) phase's; SFT first trains --sft-steps to a weak start
         p.add_argument("--sft-steps", type=int, default=600)
-        p.add_argument("--beta", type=float, default=0.1)
+        p.add_argument("--beta", type=float, default=None if chapter >= "05" else 0.1)  # 05: by --method
         p.add_argument("--dpo-lr", type=float, default=2e-3)
         p.add_argument("--dpo-warmup-steps", type=int, default=10)
-        p.add_argument("--loss-type", default="sigmoid", choices=["sigmoid", "ipo", "hinge"])
+        p.add_argument("--loss-type", default=None if chapter >= "05" else "sigmoid",
+                       choices=DPO_LOSSES + (GRPO_LOSSES if chapter >= "05" else ()))
         p.add_argument("--label-smoothing", type=float, default=0.0)
         p.add_argument("--rpo-alpha", type=float, default=1.0)
         p.add_argument("--precompute-ref-logps", action="store_true")
+    if chapter >= "05":  # the phase after SFT is GRPO (default) or chapter 04's DPO
+        p.add_argument("--method", default="grpo", choices=["grpo", "dpo"])
+        p.add_argument("--num-samples-per-prompt", type=int, default=8)
+        p.add_argument("--clip-eps", type=float, default=0.2)
+        p.add_argument("--num-iterations", type=int, default=1)
+        p.add_argument("--temperature", type=float, default=1.0)
+        p.add_argument("--top-k", type=int, default=None)
+        p.add_argument("--max-completion-length", type=int, default=None)
+        p.add_argument("--grpo-lr", type=float, default=1e-3)
+        p.add_argument("--grpo-warmup-steps", type=int, default=10)
+        p.add_argument("--format-reward-weight", type=float, default=0.0)
     args = p.parse_args(argv)
+    if chapter >= "05":  # DPO's beta is 0.1; GRPO's KL weight is 0 (no reference model)
+        if args.max_steps is None:
+            args.max_steps = 150 if args.method == "dpo" else 800
+        if args.beta is None:
+            args.beta = 0.1 if args.method == "dpo" else 0.0
+        if args.loss_type is None:
+            args.loss_type = "sigmoid" if args.method == "dpo" else "grpo"
+        if (args.loss_type in DPO_LOSSES) != (args.method == "dpo"):
+            p.error(f"--loss-type {args.loss_type} is not a --method {args.method} loss")
     for name in ("max_steps", "batch_size", "eval_every", "eval_size", "grad_accum_steps", "save_every",
                  "keep_last", "sft_steps"):
         if getattr(args, name, 1) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if getattr(args, "max_grad_norm", 1.0) <= 0:
         p.error("--max-grad-norm must be > 0")
-    if getattr(args, "beta", 1.0) <= 0 or getattr(args, "dpo_lr", 1.0) <= 0:
+    if getattr(args, "method", "dpo") == "dpo" and (getattr(args, "beta", 1.0) <= 0 or getattr(args, "dpo_lr", 1.0) <= 0):
         p.error("--beta and --dpo-lr must be > 0")
     if not 0 <= getattr(args, "label_smoothing", 0.0) < 0.5:
         p.error("--label-smoothing must be in [0, 0.5)")
     if getattr(args, "rpo_alpha", 0.0) < 0:
         p.error("--rpo-alpha must be >= 0")
-    return args
+    return args  # GRPOTrainer checks the GRPO values itself (G >= 2, beta >= 0, ...)
 
 
 def trainer_options(args):
@@ -112,12 +134,12 @@ def build_model(args, tok, device):
 
 def run(chapter, argv=None):
     """Run chapter `chapter`'s experiment; returns the summary (None on ranks other than 0)."""
-    if chapter == "05":  # GRPO: its own flags and phases, in experiments_grpo.py
-        from .experiments_grpo import run as run_05
-        return run_05(argv)
     args = get_args(chapter, argv)
     try:
-        if chapter == "04":
+        if chapter == "05":
+            from .experiments_grpo import run_grpo  # GRPO, or with --method dpo chapter 04's DPO
+            summary = run_grpo(args)
+        elif chapter == "04":
             from .experiments_dpo import run_dpo  # it builds on this module's helpers
             summary = run_dpo(args)
         else:

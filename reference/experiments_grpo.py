@@ -5,7 +5,6 @@ as `tutorial/05_grpo/train.py`: DIR/sft/ holds the SFT phase, DIR/metrics.jsonl 
 DIR/checkpoints/ the GRPO phase. With --method dpo it is chapter 04's experiment.
 
 `python -m reference 05 [flags]` calls `experiments.run("05", argv)`, which calls `run_grpo`."""
-import argparse
 import copy
 import os
 import time
@@ -14,7 +13,7 @@ import torch
 from torch.utils.data.distributed import DistributedSampler
 
 from .data import CharTokenizer, exact_match, make_addition_splits
-from .distributed import teardown, torchrun_env
+from .distributed import torchrun_env
 from .experiments import build_model, sft_loaders, start_fresh, trainer_options, write_summary
 from .grpo import GRPOTrainer
 from .optimizer import configure_optimizer, warmup_cosine_scheduler
@@ -23,92 +22,14 @@ from .rollout import PromptCollator, PromptDataset
 from .runtime import resolve_device
 from .sft import SFTTrainer
 
-DPO_LOSSES, GRPO_LOSSES = ("sigmoid", "ipo", "hinge"), ("grpo", "bnpo", "dr_grpo", "dapo")
-
-
-def get_args(argv=None):
-    """The flags of tutorial/05_grpo/train.py, with the same names and defaults."""
-    p = argparse.ArgumentParser(prog="python -m reference 05",
-                                description="Chapter 05's experiment with the reference trainers.")
-    p.add_argument("--out", default="runs/reference_05")
-    p.add_argument("--max-steps", type=int, default=150)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--grad-accum-steps", type=int, default=1)
-    p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--warmup-steps", type=int, default=30)
-    p.add_argument("--digits", type=int, default=2)
-    p.add_argument("--eval-size", type=int, default=500)
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--n-layer", type=int, default=2)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=64)
-    p.add_argument("--save-every", type=int, default=200)
-    p.add_argument("--keep-last", type=int, default=2)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--sft-steps", type=int, default=180)
-    p.add_argument("--beta", type=float, default=None)  # DPO: 0.1; GRPO: 0.0 (no KL, no reference model)
-    p.add_argument("--dpo-lr", type=float, default=1e-3)
-    p.add_argument("--dpo-warmup-steps", type=int, default=10)
-    p.add_argument("--loss-type", default=None, choices=DPO_LOSSES + GRPO_LOSSES)
-    p.add_argument("--label-smoothing", type=float, default=0.0)
-    p.add_argument("--precompute-ref-logps", action="store_true")
-    p.add_argument("--method", default="grpo", choices=["grpo", "dpo"])
-    p.add_argument("--num-samples-per-prompt", type=int, default=8)
-    p.add_argument("--clip-eps", type=float, default=0.2)
-    p.add_argument("--num-iterations", type=int, default=1)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--max-completion-length", type=int, default=None)
-    p.add_argument("--grpo-lr", type=float, default=5e-4)
-    p.add_argument("--grpo-warmup-steps", type=int, default=10)
-    p.add_argument("--format-reward-weight", type=float, default=0.0)
-    args = p.parse_args(argv)
-    if args.beta is None:
-        args.beta = 0.1 if args.method == "dpo" else 0.0
-    if args.loss_type is None:
-        args.loss_type = "sigmoid" if args.method == "dpo" else "grpo"
-    if (args.loss_type in DPO_LOSSES) != (args.method == "dpo"):
-        p.error(f"--loss-type {args.loss_type} is not a --method {args.method} loss")
-    for name in ("max_steps", "batch_size", "eval_every", "eval_size", "grad_accum_steps", "save_every",
-                 "keep_last", "sft_steps"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.max_grad_norm <= 0:
-        p.error("--max-grad-norm must be > 0")
-    if args.method == "dpo" and (args.beta <= 0 or args.dpo_lr <= 0):
-        p.error("--beta and --dpo-lr must be > 0")
-    if not 0 <= args.label_smoothing < 0.5:
-        p.error("--label-smoothing must be in [0, 0.5)")
-    if args.method == "grpo" and args.batch_size % max(1, args.num_samples_per_prompt):
-        p.error(f"--batch-size {args.batch_size} (completions per micro-batch) must be a multiple of "
-                f"--num-samples-per-prompt {args.num_samples_per_prompt}")
-    return args  # GRPOTrainer checks the GRPO values themselves (G >= 2, beta >= 0, ...)
-
-
-def run(argv=None):
-    """`python -m reference 05`: returns the summary (None on ranks other than 0)."""
-    args = get_args(argv)
-    try:
-        summary = run_grpo(args)
-    except BaseException:
-        teardown(barrier=False)
-        raise
-    teardown()
-    return summary
-
 
 def prompt_loader(args, tok, train_problems):
-    """Prompts, left-padded, sharded by a DistributedSampler: --batch-size / G per micro-batch."""
+    """Prompts, left-padded, sharded by a DistributedSampler: --batch-size of them per micro-batch."""
     prompts = PromptDataset(train_problems, tok)
     env = torchrun_env()
     sampler = DistributedSampler(prompts, num_replicas=env.world_size, rank=env.rank, shuffle=True,
                                  seed=args.seed, drop_last=True)
-    return torch.utils.data.DataLoader(prompts, batch_size=args.batch_size // args.num_samples_per_prompt,
+    return torch.utils.data.DataLoader(prompts, batch_size=args.batch_size,
                                        sampler=sampler, drop_last=True, collate_fn=PromptCollator(tok.pad_id),
                                        generator=torch.Generator().manual_seed(args.seed))
 

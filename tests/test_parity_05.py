@@ -11,11 +11,11 @@ import sys
 import pytest
 
 from conftest import ROOT, TINY, load_chapter, read_jsonl
-from reference import experiments, experiments_grpo
+from reference import experiments
 from reference.compare import compare
 
-# 20 SFT steps, then 20 GRPO steps of 4 prompts x 8 samples, in fp32; checkpoints every 10 steps
-TINY05 = TINY + ["--sft-steps", "20", "--max-steps", "20", "--amp", "off", "--save-every", "10"]
+# 20 SFT steps of 4 sequences, then 20 GRPO steps of 4 prompts x 8 samples, in fp32; checkpoints every 10 steps
+TINY05 = TINY + ["--batch-size", "4", "--sft-steps", "20", "--max-steps", "20", "--amp", "off", "--save-every", "10"]
 SUMMARY_KEYS = ("eval_accuracy", "eval_loss", "final_loss", "steps", "eval_accuracy_sft", "eval_accuracy_grpo",
                 "sft_steps")
 GRPO_KEYS = {"reward", "reward_std", "rewards/correctness_reward", "frac_reward_zero_std", "clip_ratio/low_mean",
@@ -72,18 +72,19 @@ def test_chapter_05_kl_and_reuse_match_reference_bitwise(tmp_path):
 
 def test_chapter_05_defaults_match_reference_defaults():
     ch = vars(load_chapter("05").get_args([]))
-    ref = vars(experiments_grpo.get_args([]))
+    ref = vars(experiments.get_args("05", []))
     ch.pop("out"), ref.pop("out")
     ch.pop("crash_at_step")  # the chapter's fault-tolerance demo; the reference Trainer has no such flag
     assert ch == ref
-    assert ch["method"] == "grpo" and ch["beta"] == 0.0 and ch["loss_type"] == "grpo"
+    assert ch["method"] == "grpo" and ch["beta"] == 0.0 and ch["loss_type"] == "grpo" and ch["max_steps"] == 800
     dpo = vars(load_chapter("05").get_args(["--method", "dpo"]))
-    assert dpo["beta"] == 0.1 and dpo["loss_type"] == "sigmoid"  # chapter 04's defaults
+    ch04 = vars(load_chapter("04").get_args([]))
+    assert {k: dpo[k] for k in ch04 if k != "out"} == {k: ch04[k] for k in ch04 if k != "out"}  # chapter 04's
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--num-samples-per-prompt", "1"], "--num-samples-per-prompt must be >= 2"),
-    (["--batch-size", "30"], "--batch-size 30 .* must be a multiple of --num-samples-per-prompt 8"),
+    (["--temperature", "0"], "--temperature > 0"),
     (["--loss-type", "sigmoid"], "--loss-type sigmoid is not a --method grpo loss"),
 ])
 def test_bad_flags_are_clear_errors(flags, message, capsys):
@@ -113,7 +114,7 @@ def test_online_ddp_trains_whole_groups_and_reward_rises(tmp_path):
     (tokens = completions of both ranks), and the reward goes up."""
     out = str(tmp_path / "two")
     # one-digit sums (80 train problems), 4 prompts x 8 samples per rank and step
-    args = ["--sft-steps", "60", "--max-steps", "40", "--batch-size", "32", "--eval-every", "40", "--eval-size", "20",
+    args = ["--sft-steps", "60", "--max-steps", "40", "--batch-size", "4", "--eval-every", "40", "--eval-size", "20",
             "--n-embd", "32", "--n-layer", "1", "--amp", "off", "--seed", "0", "--device", "cpu", "--digits", "1",
             "--grpo-lr", "1e-3", "--lr", "1e-2", "--warmup-steps", "10"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
@@ -126,3 +127,11 @@ def test_online_ddp_trains_whole_groups_and_reward_rises(tmp_path):
     assert all(math.isfinite(v) for r in grpo for v in r.values())
     first, last = (sum(r["reward"] for r in part) / 10 for part in (grpo[:10], grpo[-10:]))
     assert last > first, (first, last)
+
+
+def test_method_dpo_is_chapter_04(tmp_path):
+    """Chapter 05 adds GRPO and changes nothing else: --method dpo is chapter 04, number for number."""
+    args = TINY + ["--sft-steps", "20", "--max-steps", "20", "--amp", "off", "--method", "dpo"]
+    load_chapter("05").main(args + ["--out", str(tmp_path / "05")])
+    load_chapter("04").main(args[:-2] + ["--out", str(tmp_path / "04")])
+    assert_identical_runs(str(tmp_path / "05"), str(tmp_path / "04"))

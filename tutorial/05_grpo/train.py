@@ -1,14 +1,18 @@
 """Chapter 05: chapter 04 plus GRPO: sampling, verifiable rewards, group advantages, clip, KL.
 
 Two phases. SFT (chapter 03's loop, unchanged) for --sft-steps steps, to a deliberately weak
-starting point. Then, with --method grpo (the default), GRPO for --max-steps steps: each prompt
-is sampled --num-samples-per-prompt times by the model itself, a program scores every
-completion (1 for the right sum), and each completion's advantage is its reward relative to
-the others of its group. The loss makes the better-than-average completions more likely, with
-PPO's clip on the ratio pi / pi_old and, with --beta > 0, a k3 KL penalty towards a frozen copy
-of the SFT model. --method dpo runs chapter 04's DPO phase instead, unchanged. AMP,
-accumulation, clipping, DDP, checkpoints and exact resume work for every phase; --resume skips
-the SFT phase when its final checkpoint exists.
+starting point. Then, with --method grpo (the default), GRPO for --max-steps steps: the model
+samples --num-samples-per-prompt answers to each prompt, a program scores every completion (1 for
+the right sum), and each completion's advantage is its reward relative to the others of its
+group. The loss makes the better-than-average completions more likely, with PPO's clip on the
+ratio pi / pi_old and, with --beta > 0, a k3 KL penalty towards a frozen copy of the SFT model.
+--method dpo runs chapter 04's phase instead, unchanged: on pairs of one prompt with the right sum
+(chosen) and a plausible wrong one (rejected), the policy learns to prefer chosen by more than
+a frozen copy of the SFT model (the reference) does. Chosen and rejected go through the model
+in one concatenated forward pass. The chosen answer's NLL is added to the loss (RPO,
+--rpo-alpha; 0 = plain DPO): on pairs that differ in one digit, plain DPO lowers the right
+answer's likelihood along with the wrong one's. AMP, accumulation, clipping, DDP, checkpoints
+and exact resume work for both phases; --resume skips the SFT phase if it already finished.
 
 Output: DIR/sft/ holds the SFT phase's metrics.jsonl and checkpoints/; DIR/metrics.jsonl and
 DIR/checkpoints/ are the second phase's (the chapter's subject, so `python -m reference.compare`
@@ -45,16 +49,18 @@ from reference.rollout import PromptCollator, PromptDataset, move
 from reference.model import GPTConfig, TinyGPT
 from reference.optimizer import configure_optimizer
 
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Chapter 05: + GRPO: sampling, verifiable rewards, group advantages.")
     p.add_argument("--out", default="runs/05_grpo", help="where metrics.jsonl, summary.json and model.pt go")
-    p.add_argument("--max-steps", type=int, default=150, help="optimizer steps of the GRPO (or DPO) phase")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="optimizer steps of the phase after SFT (default: 800 of GRPO, or 150 of DPO)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--batch-size", type=int, default=256, help="the micro-batch, per process")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="the micro-batch (sequences, pairs, or GRPO prompts), per process")
     p.add_argument("--grad-accum-steps", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"],
-                   help="autocast dtype (off here: on a CPU, bf16 autocast slows a model this small down)")
+    p.add_argument("--amp", default="bf16", choices=["off", "bf16", "fp16"], help="autocast dtype")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this")
     p.add_argument("--lr", type=float, default=5e-3, help="peak learning rate of the SFT phase")
     p.add_argument("--weight-decay", type=float, default=0.1)
@@ -68,25 +74,27 @@ def get_args(argv=None):
     p.add_argument("--save-every", type=int, default=200, help="steps between checkpoints")
     p.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the newest checkpoint in DIR/checkpoints (starts fresh if none)")
+                   help="continue each phase from its newest checkpoint in DIR/sft/checkpoints and DIR/checkpoints")
     p.add_argument("--crash-at-step", type=int, default=None,
                    help="fault-tolerance demo: the last rank SIGKILLs itself after this step (first attempt only)")
-    p.add_argument("--sft-steps", type=int, default=180, help="optimizer steps of the SFT phase: a weak start")
+    p.add_argument("--sft-steps", type=int, default=600, help="optimizer steps of the SFT phase: a weak start")
     p.add_argument("--beta", type=float, default=None,
                    help="how far the policy may move from the reference: DPO's beta (default 0.1); GRPO's KL "
                         "weight (default 0.0: no KL penalty and no reference model)")
-    p.add_argument("--dpo-lr", type=float, default=1e-3, help="peak learning rate of the DPO phase")
+    p.add_argument("--dpo-lr", type=float, default=2e-3, help="peak learning rate of the DPO phase")
     p.add_argument("--dpo-warmup-steps", type=int, default=10)
     p.add_argument("--loss-type", default=None, choices=["sigmoid", "ipo", "hinge", "grpo", "bnpo", "dr_grpo", "dapo"],
                    help="DPO: sigmoid (default), ipo, hinge; GRPO: how token losses are averaged, grpo (default), "
                         "bnpo, dr_grpo, dapo")
     p.add_argument("--label-smoothing", type=float, default=0.0,
                    help="conservative DPO: the probability that a preference label is wrong (sigmoid loss)")
+    p.add_argument("--rpo-alpha", type=float, default=1.0,
+                   help="weight of the chosen answer's NLL added to the DPO loss (RPO; 0 = plain DPO)")
     p.add_argument("--precompute-ref-logps", action="store_true",
                    help="score every pair under the reference once, before DPO, then free the reference model")
     p.add_argument("--method", default="grpo", choices=["grpo", "dpo"], help="the phase after SFT")
     p.add_argument("--num-samples-per-prompt", type=int, default=8,
-                   help="G: completions sampled per prompt, one group; --batch-size counts completions")
+                   help="G: completions sampled per prompt, one group; a micro-batch has --batch-size * G of them")
     p.add_argument("--clip-eps", type=float, default=0.2, help="PPO's clip: the ratio pi / pi_old stays in 1 +- this")
     p.add_argument("--num-iterations", type=int, default=1,
                    help="mu: optimizer steps on each batch of completions (1: the ratio is exactly 1)")
@@ -94,11 +102,13 @@ def get_args(argv=None):
     p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only")
     p.add_argument("--max-completion-length", type=int, default=None,
                    help="tokens sampled per completion (default: the longest answer plus its end token)")
-    p.add_argument("--grpo-lr", type=float, default=5e-4, help="peak learning rate of the GRPO phase")
+    p.add_argument("--grpo-lr", type=float, default=1e-3, help="peak learning rate of the GRPO phase")
     p.add_argument("--grpo-warmup-steps", type=int, default=10)
     p.add_argument("--format-reward-weight", type=float, default=0.0,
                    help="> 0 adds format_reward (digits, then the end token) with this weight to correctness_reward")
     args = p.parse_args(argv)
+    if args.max_steps is None:
+        args.max_steps = 150 if args.method == "dpo" else 800
     if args.beta is None:
         args.beta = 0.1 if args.method == "dpo" else 0.0
     if args.loss_type is None:
@@ -117,15 +127,14 @@ def get_args(argv=None):
         if args.num_samples_per_prompt < 2:
             p.error("--num-samples-per-prompt must be >= 2: a completion's advantage is its reward relative "
                     "to the others of its group")
-        if args.batch_size % args.num_samples_per_prompt:
-            p.error(f"--batch-size {args.batch_size} (completions per micro-batch) must be a multiple of "
-                    f"--num-samples-per-prompt {args.num_samples_per_prompt}: a group is never split")
         if args.beta < 0 or args.grpo_lr <= 0 or args.clip_eps < 0 or args.temperature <= 0:
             p.error("need --beta >= 0, --grpo-lr > 0, --clip-eps >= 0 and --temperature > 0")
         if min(args.num_iterations, args.top_k or 1, args.max_completion_length or 1) < 1:
             p.error("--num-iterations, --top-k and --max-completion-length must be >= 1")
     if not 0 <= args.label_smoothing < 0.5:
         p.error("--label-smoothing must be in [0, 0.5)")
+    if args.rpo_alpha < 0:
+        p.error("--rpo-alpha must be >= 0")
     return args
 
 
@@ -218,10 +227,12 @@ def concatenated_logps(model, batch, pad_id):
     """log p(chosen) and log p(rejected), from ONE forward pass over both halves: the weights
     are read once, and DDP sees one forward per backward. The narrower half is right-padded."""
     T = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
-    ids, labels, mask = ([F.pad(batch[f"{side}_{key}"], (0, T - batch[f"{side}_{key}"].shape[1]), value=value)
-                          for side in ("chosen", "rejected")]
-                         for key, value in (("input_ids", pad_id), ("labels", -100), ("attention_mask", 0)))
-    logps = sequence_logps(model(torch.cat(ids), torch.cat(mask)), torch.cat(labels))
+
+    def both(key, value):  # chosen rows, then rejected rows, each padded with `value` to width T
+        return torch.cat([F.pad(batch[f"{side}_{key}"], (0, T - batch[f"{side}_{key}"].shape[1]), value=value)
+                          for side in ("chosen", "rejected")])
+    logits = model(both("input_ids", pad_id), both("attention_mask", 0))
+    logps = sequence_logps(logits, both("labels", -100))
     B = batch["chosen_input_ids"].shape[0]
     return logps[:B], logps[B:]
 
@@ -246,12 +257,18 @@ def dpo_loss(model, ref_model, batch, args):
         losses = (logits - 1 / (2 * beta)) ** 2
     else:  # hinge (SLiC)
         losses = torch.relu(1 - beta * logits)
-    chosen_rewards, rejected_rewards = beta * (chosen - ref_chosen).detach(), beta * (rejected - ref_rejected).detach()
+    chosen_rewards = beta * (chosen - ref_chosen).detach()
+    rejected_rewards = beta * (rejected - ref_rejected).detach()
     n = len(losses)
+    if args.rpo_alpha:  # RPO: + the right answer's NLL per token, or DPO lowers it along with the wrong one
+        nll = -chosen / (batch["chosen_labels"][:, 1:] != -100).sum(dim=1)
+        losses = losses + args.rpo_alpha * nll
     metrics = {"rewards/chosen": (chosen_rewards.sum(), n), "rewards/rejected": (rejected_rewards.sum(), n),
                "rewards/accuracies": ((chosen_rewards > rejected_rewards).float().sum(), n),
                "rewards/margins": ((chosen_rewards - rejected_rewards).sum(), n),
                "logps/chosen": (chosen.detach().sum(), n), "logps/rejected": (rejected.detach().sum(), n)}
+    if args.rpo_alpha:
+        metrics["nll_loss"] = (nll.detach().sum(), n)
     return losses.sum(), metrics
 
 
@@ -594,7 +611,7 @@ def run(args):
     args.amp_dtype = amp_dtype_for(args.amp, args.device)
     torch.manual_seed(args.seed)
     os.makedirs(os.path.join(args.out, "sft"), exist_ok=True)
-    for out in (os.path.join(args.out, "sft"), args.out):  # the SFT phase's, and the DPO or GRPO phase's
+    for out in (os.path.join(args.out, "sft"), args.out):  # the SFT phase's checkpoints, and DPO's
         if not args.resume and args.rank == 0 and os.path.isdir(os.path.join(out, "checkpoints")):
             print(f"starting fresh: removing the previous run's checkpoints in {out}/checkpoints")
             shutil.rmtree(os.path.join(out, "checkpoints"))  # or a later --resume could pick them up
@@ -633,7 +650,8 @@ def run(args):
         return {"loss": evaluate(model, val_loader, args.device, args.amp_dtype),
                 "accuracy": exact_match(model, eval_problems, tok, device=args.device)}
 
-    # phase 1, SFT to a weak start, in DIR/sft; with --resume it stops at once if already complete
+    # phase 1, SFT to a weak start, in DIR/sft; with --resume it stops at once if already complete.
+    # --crash-at-step counts DPO steps
     sft_args = argparse.Namespace(**{**vars(args), "out": os.path.join(args.out, "sft"),
                                      "max_steps": args.sft_steps, "crash_at_step": None})
     start = time.perf_counter()
@@ -707,7 +725,6 @@ def run(args):
 def run_grpo(args, model, train_model, tok, train_problems, eval_problems, evaluate_fn, cfg, sft_seconds):
     """Phase 2, GRPO: the model samples G answers to each prompt, and learns from how they score."""
     start = time.perf_counter()
-    G = args.num_samples_per_prompt
     args.tok, args.eos_id, args.pad_id = tok, tok.eos_id, tok.pad_id
     if args.max_completion_length is None:
         args.max_completion_length = args.digits + 2  # the longest sum, plus its end token
@@ -715,12 +732,12 @@ def run_grpo(args, model, train_model, tok, train_problems, eval_problems, evalu
     args.reward_fns = [(correctness_reward, 1.0)]
     if args.format_reward_weight > 0:
         args.reward_fns.append((format_reward, args.format_reward_weight))
-    # prompts only, left-padded for generation; a micro-batch of --batch-size completions is
-    # --batch-size / G prompts, and each prompt's G samples are made (and stay) on one rank
+    # prompts only, left-padded for generation: a micro-batch of --batch-size prompts becomes
+    # --batch-size * G completions, and each prompt's G samples are made (and stay) on one rank
     prompt_set = PromptDataset(train_problems, tok)
     prompt_sampler = DistributedSampler(prompt_set, num_replicas=args.world_size, rank=args.rank, shuffle=True,
                                         seed=args.seed, drop_last=True)
-    prompt_loader = torch.utils.data.DataLoader(prompt_set, batch_size=args.batch_size // G, sampler=prompt_sampler,
+    prompt_loader = torch.utils.data.DataLoader(prompt_set, batch_size=args.batch_size, sampler=prompt_sampler,
                                                 drop_last=True, collate_fn=PromptCollator(tok.pad_id),
                                                 generator=torch.Generator().manual_seed(args.seed))
     # sampling draws from its own stream, one per rank: otherwise every rank samples the same tokens
