@@ -142,16 +142,7 @@ class TinyGPT(nn.Module):
                 if caches is not None:
                     caches = [dict() for _ in self.blocks]
                 logits = self._run(seq, positions, attn_mask, caches)
-            logits = logits[:, -1, :].float()
-            if do_sample:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = torch.softmax(logits, dim=-1)
-                next_tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-            else:
-                next_tok = logits.argmax(dim=-1)
+            next_tok = next_token(logits[:, -1, :], do_sample, temperature, top_k, generator)
             next_tok = torch.where(finished, torch.full_like(next_tok, pad_token_id), next_tok)
             out.append(next_tok)
             if eos_token_id is not None:
@@ -165,6 +156,19 @@ class TinyGPT(nn.Module):
             fill = tokens.new_full((B, max_new_tokens - tokens.shape[1]), pad_token_id)
             tokens = torch.cat([tokens, fill], dim=1)
         return tokens
+
+
+def next_token(logits, do_sample=False, temperature=1.0, top_k=None, generator=None):
+    """One token per row from the last position's logits [B, V]: the argmax (greedy), or a sample
+    from softmax(logits / temperature) restricted to the `top_k` most likely tokens."""
+    logits = logits.float()
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
 
 
 def _is_right_padded(attention_mask):

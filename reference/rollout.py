@@ -1,7 +1,8 @@
 """Rollouts for GRPO: prompts in, scored completions out, and the prompt data that feeds them.
 
 Online GRPO does this before any loss: repeat each prompt `group_size` times (one contiguous
-group per prompt), sample completions with the model's KV-cache `generate()`, keep each one up to
+group per prompt), sample completions (TinyGPT's KV-cache `generate()`, or `sample()` for any other
+causal LM, a Hugging Face one included), keep each one up to
 and including its first end token, decode it, and score it with the reward functions. Offline
 GRPO skips all of that: its batches arrive with the completions and rewards already in them.
 
@@ -17,8 +18,9 @@ import functools
 import torch
 
 from .data import left_pad
+from .model import TinyGPT, next_token
 from .rewards import check_rewards
-from .sft import check_batch
+from .sft import check_batch, logits_of
 
 
 class PromptDataset(torch.utils.data.Dataset):
@@ -70,6 +72,32 @@ def context_length(model):
         if getattr(cfg, name, None):
             return getattr(cfg, name)
     return None
+
+
+@torch.no_grad()
+def sample(model, input_ids, attention_mask, max_new_tokens=8, temperature=1.0, top_k=None, do_sample=True,
+           eos_token_id=None, pad_token_id=0, generator=None):
+    """`TinyGPT.generate`'s contract for any causal LM whose forward takes `(input_ids,
+    attention_mask=)` and returns logits or an object with `.logits`, such as a Hugging Face
+    model: the new tokens [B, max_new_tokens], `pad_token_id` after a row's first end token,
+    drawn from `generator`. No KV cache: the whole sequence is run again for each new token,
+    which is fine for short completions. The model places the tokens itself, so left-padded
+    prompts need a model that takes positions from the mask; prompts of one length need nothing."""
+    seq, mask = input_ids, attention_mask.long()
+    finished = torch.zeros(seq.shape[0], dtype=torch.bool, device=seq.device)
+    out = []
+    for _ in range(max_new_tokens):
+        logits = logits_of(model(seq, attention_mask=mask))[:, -1, :]
+        tok = torch.where(finished, torch.full_like(finished, pad_token_id, dtype=torch.long),
+                          next_token(logits, do_sample, temperature, top_k, generator))
+        out.append(tok)
+        if eos_token_id is not None:
+            finished |= tok == eos_token_id
+        seq, mask = torch.cat([seq, tok[:, None]], dim=1), torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        if eos_token_id is not None and bool(finished.all()):
+            break
+    tokens = torch.stack(out, dim=1)
+    return torch.cat([tokens, tokens.new_full((tokens.shape[0], max_new_tokens - tokens.shape[1]), pad_token_id)], 1)
 
 
 def completion_mask(completion_ids, eos_id):
@@ -143,10 +171,12 @@ def online_rollout(model, batch, tokenizer, reward_fns, names, weights, group_si
     mask = prompt_mask.repeat_interleave(group_size, dim=0)
     was_training = model.training
     model.eval()  # no dropout while sampling
+    # TinyGPT samples with its KV cache; any other causal LM (a Hugging Face one) through sample()
+    generate = model.generate if isinstance(model, TinyGPT) else functools.partial(sample, model)
     try:
-        completion_ids = model.generate(ids, mask, max_new_tokens=max_completion_length, temperature=temperature,
-                                        top_k=top_k, do_sample=True, eos_token_id=eos_id, pad_token_id=pad_id,
-                                        generator=generator)
+        completion_ids = generate(ids, mask, max_new_tokens=max_completion_length, temperature=temperature,
+                                  top_k=top_k, do_sample=True, eos_token_id=eos_id, pad_token_id=pad_id,
+                                  generator=generator)
     finally:
         model.train(was_training)
     keep, ended = completion_mask(completion_ids, eos_id)
