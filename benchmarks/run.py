@@ -150,40 +150,141 @@ def bench_bf16(steps, repeats):
     return {"fp32_over_bf16_step_time": statistics.median(t32) / statistics.median(t16)}
 
 
-def run_chapter(chapter, extra=(), nproc=None, threads=None):
-    """Wall time of a chapter's run as a subprocess (with torchrun when nproc is given)."""
+def chapter_command(chapter, extra=(), nproc=None, threads=None, tag=""):
+    """(command, env, out) of a chapter's run as a subprocess (under torchrun when nproc is given)."""
     script = os.path.join(ROOT, "tutorial", chapter, "train.py")
-    out = os.path.join(ROOT, "runs", "bench", chapter + (f"_x{nproc}" if nproc else ""))
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    out = os.path.join(ROOT, "runs", "bench", chapter + (f"_x{nproc}" if nproc else "") + tag)
+    env = dict(os.environ, PYTHONPATH=ROOT, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, script]
     if nproc:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
-    start = time.perf_counter()
-    subprocess.run(cmd + ["--out", out, *extra], env=env, check=True, capture_output=True, text=True)
-    wall = time.perf_counter() - start
+    return cmd + ["--out", out, *extra], env, out
+
+
+def summary_of(out):
     with open(os.path.join(out, "summary.json")) as f:
-        return wall, json.load(f)
+        return json.load(f)
+
+
+def run_chapter(chapter, extra=(), nproc=None, threads=None):
+    """Wall time and summary.json of a chapter's run."""
+    cmd, env, out = chapter_command(chapter, extra, nproc, threads)
+    start = time.perf_counter()
+    subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
+    return time.perf_counter() - start, summary_of(out)
 
 
 def bench_ddp(steps, repeats):
-    """Throughput of 2 processes x 1 thread over 1 process x 1 thread (same micro-batch each)."""
+    """Throughput of 2 processes x 1 thread over 1 process x 1 thread (same micro-batch each), and
+    the machine's ceiling for it: two independent 1-process runs at the same time."""
     args = ["--max-steps", str(steps), "--eval-every", str(10 * steps), "--save-every", str(10 * steps),
-            "--amp", "off", "--eval-size", "100"]
-    one, two = [], []
+            "--amp", "off", "--eval-size", "100", "--device", "cpu"]
+    one, two, apart = [], [], []
     for _ in range(repeats):
         one.append(run_chapter("03_ddp", args, threads=1)[1]["train_seconds"])
         two.append(run_chapter("03_ddp", args, nproc=2, threads=1)[1]["train_seconds"])
+        runs = [chapter_command("03_ddp", args, threads=1, tag=f"_apart{i}") for i in range(2)]
+        procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                 for cmd, env, _ in runs]
+        if any(p.wait() for p in procs):
+            raise RuntimeError("an independent chapter 03 run failed")
+        apart.append(statistics.mean(summary_of(out)["train_seconds"] for _, _, out in runs))
     # two processes train on twice the sequences per step
-    return {"ddp_2x1_over_1x1_throughput": 2 * statistics.median(one) / statistics.median(two)}
+    return {"ddp_2x1_over_1x1_throughput": 2 * statistics.median(one) / statistics.median(two),
+            "independent_2x1_over_1x1_throughput": 2 * statistics.median(one) / statistics.median(apart)}
+
+
+def grpo_generation_fraction(out):
+    """The mean share of a GRPO step spent sampling, from a chapter 05 run's metrics.jsonl."""
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        fractions = [r["generation_fraction"] for r in map(json.loads, f) if "generation_fraction" in r]
+    return statistics.mean(fractions)
+
+
+def last_make_test():
+    """What the Makefile recorded about the last `make test` (runs/make_test.json), if any."""
+    path = os.path.join(ROOT, "runs", "make_test.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return {f"make_test_{k}": v for k, v in json.load(f).items()}
+
+
+# (key, what it is, goal): the rows of the README's benchmark table, in order
+FIGURES = [
+    ("trainer_overhead", "`SFTTrainer` step time / a bare PyTorch loop's", "<= 1.02"),
+    ("dpo_over_sft_precomputed", "DPO step (precomputed reference log-probs) / SFT step on the same tokens", "<= 1.15"),
+    ("dpo_over_sft_online_ref", "DPO step (online reference model) / SFT step on the same tokens", ""),
+    ("kv_cache_speedup", "sampling 64 new tokens: uncached time / KV-cache time", ">= 5"),
+    ("ddp_2x1_over_1x1_throughput", "DDP throughput: 2 processes x 1 thread / 1 process x 1 thread", ">= 1.8"),
+    ("independent_2x1_over_1x1_throughput", "the machine's ceiling: 2 independent 1-thread runs at once / 1", ""),
+    ("fp32_over_bf16_step_time", "fp32 step time / bf16-autocast step time (> 1: bf16 is faster)", ""),
+    ("grpo_generation_fraction", "GRPO (chapter 05): share of a step spent sampling", ""),
+]
+CHAPTERS = [  # (folder, command, what it adds)
+    ("01_loop", "python tutorial/01_loop/train.py", "the plain loop"),
+    ("02_amp", "python tutorial/02_amp/train.py", "bf16/fp16 autocast, accumulation, clipping"),
+    ("03_ddp", "python tutorial/03_ddp/train.py", "DDP, checkpoints, exact resume"),
+    ("04_dpo", "python tutorial/04_dpo/train.py", "DPO against a frozen reference"),
+    ("05_grpo", "python tutorial/05_grpo/train.py", "GRPO on the model's own samples"),
+]
+
+
+def outcome(summary):
+    """Held-out exact match before -> after the chapter's subject (SFT alone: its final value)."""
+    if "eval_accuracy_grpo" in summary:
+        return f"{summary['eval_accuracy_sft']:.2f} after SFT -> {summary['eval_accuracy_grpo']:.2f} after GRPO"
+    if "eval_accuracy_dpo" in summary:
+        return (f"{summary['eval_accuracy_sft']:.2f} after SFT -> {summary['eval_accuracy_dpo']:.2f} after DPO "
+                f"(preference accuracy {summary['pref_accuracy_sft']:.2f} -> {summary['pref_accuracy_dpo']:.2f})")
+    return f"{summary['eval_accuracy']:.3f} after {summary['steps']} steps"
+
+
+def readme_tables(results):
+    """The README's two results tables, rendered from results.json: `make bench` prints them,
+    `--update-readme` writes them in, and tests/test_readme.py checks that they agree."""
+    rows = ["| chapter | command | adds | wall time | held-out exact match |", "| --- | --- | --- | --- | --- |"]
+    for folder, command, adds in CHAPTERS:
+        if f"chapter_{folder}_seconds" in results:
+            rows.append(f"| {folder} | `{command}` | {adds} | {results[f'chapter_{folder}_seconds']:.0f} s | "
+                        f"{outcome(results[f'chapter_{folder}_summary'])} |")
+    rows += ["", "| figure | what | value | goal |", "| --- | --- | --- | --- |"]
+    for key, what, goal in FIGURES:
+        if key in results:
+            rows.append(f"| `{key}` | {what} | {results[key]:.2f} | {goal} |")
+    if "make_test_seconds" in results:
+        rows.append(f"| `make_test_seconds` | `make test`: every test and notebook | {results['make_test_seconds']:.0f} | |")
+    return "\n".join(rows)
+
+
+MARKERS = ("<!-- bench:start -->", "<!-- bench:end -->")
+
+
+def update_readme(path, results):
+    """Replace the block between MARKERS in `path` with readme_tables(results)."""
+    with open(path) as f:
+        text = f.read()
+    head, rest = text.split(MARKERS[0])
+    _, tail = rest.split(MARKERS[1])
+    with open(path, "w") as f:
+        f.write(f"{head}{MARKERS[0]}\n{readme_tables(results)}\n{MARKERS[1]}{tail}")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer repeats, no chapter runs (a smoke test)")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results.json"))
+    p.add_argument("--update-readme", action="store_true",
+                   help="only write the tables of --out (an earlier run's results) into README.md and README.zh-CN.md")
     args = p.parse_args(argv)
+    if args.update_readme:
+        with open(args.out) as f:
+            results = json.load(f)
+        for name in ("README.md", "README.zh-CN.md"):
+            update_readme(os.path.join(ROOT, name), results)
+        return results
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     reps = 2 if args.quick else 5
     results = {"machine": platform.platform(), "processor": platform.processor() or platform.machine(),
@@ -197,20 +298,29 @@ def main(argv=None):
     if not args.quick:
         for chapter in ("01_loop", "02_amp", "03_ddp", "04_dpo", "05_grpo"):
             if os.path.exists(os.path.join(ROOT, "tutorial", chapter, "train.py")):
-                wall, summary = run_chapter(chapter)
+                wall, summary = run_chapter(chapter, ["--device", "cpu"])
                 results[f"chapter_{chapter}_seconds"] = wall
                 results[f"chapter_{chapter}_summary"] = summary
-                if "generation_fraction" in summary:
-                    results["grpo_generation_fraction"] = summary["generation_fraction"]
+        results["grpo_generation_fraction"] = grpo_generation_fraction(chapter_command("05_grpo")[2])
+    results.update(last_make_test())
     results["bench_seconds"] = time.perf_counter() - started
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
+    print(f"{results['machine']}, {results['cpu_count']} CPUs, torch {results['torch']}, "
+          f"{results['threads']} threads")
     print(f"{'figure':40s} {'value':>10s}  goal")
-    goals = {"trainer_overhead": "<= 1.02", "dpo_over_sft_precomputed": "<= 1.15", "kv_cache_speedup": ">= 5",
-             "ddp_2x1_over_1x1_throughput": ">= 1.8"}
+    goals = {"trainer_overhead": (1.02, -1), "dpo_over_sft_precomputed": (1.15, -1), "kv_cache_speedup": (5, 1),
+             "ddp_2x1_over_1x1_throughput": (1.8, 1)}
     for key, value in results.items():
         if isinstance(value, float):
-            print(f"{key:40s} {value:10.3f}  {goals.get(key, '')}")
+            goal = ""
+            if key in goals:
+                bound, sign = goals[key]
+                goal = f"{'>=' if sign > 0 else '<='} {bound}: {'met' if sign * (value - bound) >= 0 else 'MISSED'}"
+            print(f"{key:40s} {value:10.3f}  {goal}")
+    if "make_test_seconds" not in results:
+        print("make_test_seconds: not measured here; `make test` records it in runs/make_test.json")
+    print("\n" + readme_tables(results))
     print(f"wrote {args.out}")
     return results
 
