@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .runtime import autocast_context
-from .sft import check_batch, logits_of
+from .sft import check_batch, logits_of, per_token_logps
 from .trainer import Trainer
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
@@ -27,9 +27,8 @@ def sequence_logps(logits, labels):
     positions (label -100) add nothing, so neither the prompt nor extra padding changes it.
     log_softmax runs in float32: in bf16, sums over many tokens lose the small differences
     between chosen and rejected that DPO is made of."""
-    logits, targets = logits[:, :-1, :].float(), labels[:, 1:]
-    mask = targets != -100
-    per_token = logits.log_softmax(dim=-1).gather(2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    mask = labels[:, 1:] != -100
+    per_token = per_token_logps(logits, labels.clamp(min=0))  # -100 -> any real id; masked below
     # where(), not a multiply: a -inf log-prob at a masked position times 0 would be NaN
     return torch.where(mask, per_token, torch.zeros_like(per_token)).sum(dim=-1)
 

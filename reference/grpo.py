@@ -14,12 +14,11 @@ import time
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 from .distributed import all_gather_object
 from .rollout import RolledOut, move, offline_rollout, online_rollout, reward_functions, reward_metrics
 from .runtime import autocast_context
-from .sft import logits_of
+from .sft import logits_of, per_token_logps
 from .trainer import Trainer
 
 SCALES = ("group", "batch", "none")
@@ -53,20 +52,6 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-4):
     elif scale == "batch":
         centered = centered / (rewards.std() + eps)
     return centered.view(-1)
-
-
-def per_token_logps(logits, input_ids, temperature=1.0):
-    """log p(token t+1 | tokens <= t) for every position, in float32: `[B, T-1]`.
-
-    The logits are divided by the sampling temperature first, so these are the log-probs of the
-    distribution the completions were actually sampled from (TRL does the same)."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if logits.dim() != 3 or input_ids.shape != logits.shape[:2]:
-        raise ValueError(f"logits must be [B, T, V] and input_ids [B, T]; got {tuple(logits.shape)} "
-                         f"and {tuple(input_ids.shape)}")
-    logps = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
-    return logps.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
 
 
 def k3_kl(logps, ref_logps):

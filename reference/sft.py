@@ -25,6 +25,21 @@ def sft_loss_sum(logits, labels):
     return loss_sum, (targets != -100).sum()
 
 
+def per_token_logps(logits, input_ids, temperature=1.0):
+    """log p(token t+1 | tokens <= t) for every position, in float32: `[B, T-1]`. DPO sums them
+    over the completion; GRPO trains on them token by token.
+
+    The logits are divided by the sampling temperature first, so these are the log-probs of the
+    distribution the completions were actually sampled from (TRL does the same)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if logits.dim() != 3 or input_ids.shape != logits.shape[:2]:
+        raise ValueError(f"logits must be [B, T, V] and input_ids [B, T]; got {tuple(logits.shape)} "
+                         f"and {tuple(input_ids.shape)}")
+    logps = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+    return logps.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+
+
 def check_batch(batch, keys, method):
     """ValueError naming the first missing or misshapen key of a batch."""
     for key in keys:

@@ -76,6 +76,7 @@ class Trainer:
         self.progress = progress
         self.step = self.epoch = self.batch_in_epoch = self.skipped_steps = 0
         self._pending_rng = None
+        self._epoch_generator_state = None  # the shuffling generator's state when this epoch began
         self.history = []
 
     # --- what a method supplies -------------------------------------------------------------
@@ -117,7 +118,7 @@ class Trainer:
                 sampler.set_epoch(self.epoch)
             generator = getattr(self.train_loader, "generator", None)
             if generator is not None:  # a shuffling loader: remember where this epoch's order came from
-                if self.batch_in_epoch == 0 or not hasattr(self, "_epoch_generator_state"):
+                if self.batch_in_epoch == 0 or self._epoch_generator_state is None:
                     self._epoch_generator_state = generator.get_state()
                 generator.set_state(self._epoch_generator_state)
             epoch_iter = iter(self.train_loader)
@@ -218,7 +219,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
                 "batch_in_epoch": self.batch_in_epoch, "skipped_steps": self.skipped_steps,
-                "epoch_generator_state": getattr(self, "_epoch_generator_state", None),
+                "epoch_generator_state": self._epoch_generator_state,
                 "world_size": self.dist.world_size}
 
     def save_checkpoint(self):
