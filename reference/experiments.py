@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import time
+from types import SimpleNamespace
 
 import torch
 from torch.utils.data.distributed import DistributedSampler
@@ -111,19 +112,47 @@ def sft_loaders(args, tok, train_problems, eval_problems, chapter):
     collate = SFTCollator(tok.pad_id)
     train_set = SFTDataset(train_problems, tok)
     if chapter >= "03":
-        env = torchrun_env()
-        sampler = DistributedSampler(train_set, num_replicas=env.world_size, rank=env.rank, shuffle=True,
-                                     seed=args.seed, drop_last=True)
-        # its own generator: starting an epoch then draws nothing from the global RNG
-        train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler,
-                                                   drop_last=True, collate_fn=collate,
-                                                   generator=torch.Generator().manual_seed(args.seed))
+        train_loader = sharded_loader(train_set, args.batch_size, collate, args.seed)
     else:
         train_loader = torch.utils.data.DataLoader(
             train_set, batch_size=args.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
             generator=torch.Generator().manual_seed(args.seed))
     val_loader = torch.utils.data.DataLoader(SFTDataset(eval_problems, tok), batch_size=256, collate_fn=collate)
     return train_loader, val_loader
+
+
+def sharded_loader(dataset, batch_size, collate, seed):
+    """This rank's shard of `dataset`, reshuffled every epoch by a DistributedSampler (one replica
+    outside torchrun: the whole dataset). The loader's own generator means that starting an epoch
+    draws nothing from the global RNG, which an exact resume relies on."""
+    env = torchrun_env()
+    sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=seed,
+                                 drop_last=True)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
+                                       collate_fn=collate, generator=torch.Generator().manual_seed(seed))
+
+
+def weak_start(args, chapter):
+    """Phase 1 of chapters 04 and 05: SFT for --sft-steps steps, in DIR/sft, to a deliberately weak
+    model (with --resume, a finished phase only loads its end). Both phases' folders start fresh
+    first, and the random draws come in the chapter scripts' order. Returns what phase 2 needs."""
+    start_fresh(args, os.path.join(args.out, "sft"), args.out)
+    device = resolve_device(args.device)
+    torch.manual_seed(args.seed)
+    tok = CharTokenizer()
+    train_problems, eval_problems = make_addition_splits(args.digits, args.eval_size, seed=args.seed)
+    train_loader, val_loader = sft_loaders(args, tok, train_problems, eval_problems, chapter)
+    model = build_model(args, tok, device)
+    optimizer = configure_optimizer(model=model, optimizer_type="adamw", lr=args.lr, weight_decay=args.weight_decay)
+    sft = SFTTrainer(
+        model=model, optimizer=optimizer, train_loader=train_loader, val_loader=val_loader, device=device,
+        max_steps=args.sft_steps, scheduler=warmup_cosine_scheduler(optimizer, args.warmup_steps, args.sft_steps),
+        eval_every=args.eval_every, out_dir=os.path.join(args.out, "sft"),
+        eval_fn=lambda m: {"accuracy": exact_match(m, eval_problems, tok, device=device)}, **trainer_options(args))
+    start = time.perf_counter()
+    sft.train()
+    return SimpleNamespace(sft=sft, model=model, tok=tok, device=device, train_problems=train_problems,
+                           eval_problems=eval_problems, seconds=time.perf_counter() - start)
 
 
 def build_model(args, tok, device):

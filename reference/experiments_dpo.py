@@ -5,61 +5,35 @@ the DPO phase.
 
 `python -m reference 04 [flags]` calls `experiments.run("04", argv)`, which calls `run_dpo`."""
 import copy
-import os
 import time
 
 import torch
-from torch.utils.data.distributed import DistributedSampler
 
-from .data import (CharTokenizer, PreferenceCollator, PreferenceDataset, exact_match, make_addition_splits,
-                   preference_accuracy)
-from .distributed import torchrun_env
+from .data import PreferenceCollator, PreferenceDataset, exact_match, preference_accuracy
 from .dpo import DPOTrainer
-from .experiments import build_model, sft_loaders, start_fresh, trainer_options, write_summary
+from .experiments import sharded_loader, trainer_options, weak_start, write_summary
 from .optimizer import configure_optimizer, warmup_cosine_scheduler
-from .runtime import resolve_device
-from .sft import SFTTrainer
 
 
 def pair_loaders(args, tok, train_problems, eval_problems):
     """Preference pairs on the same problems as the SFT phase: train sharded by a
     DistributedSampler, held-out pairs for the DPO eval loss and preference accuracy."""
     collate = PreferenceCollator(tok.pad_id)
-    train_pairs = PreferenceDataset(train_problems, tok, seed=args.seed)
-    env = torchrun_env()
-    sampler = DistributedSampler(train_pairs, num_replicas=env.world_size, rank=env.rank, shuffle=True,
-                                 seed=args.seed, drop_last=True)
-    train_loader = torch.utils.data.DataLoader(train_pairs, batch_size=args.batch_size, sampler=sampler,
-                                               drop_last=True, collate_fn=collate,
-                                               generator=torch.Generator().manual_seed(args.seed))
+    train_loader = sharded_loader(PreferenceDataset(train_problems, tok, seed=args.seed), args.batch_size, collate,
+                                  args.seed)
     val_loader = torch.utils.data.DataLoader(PreferenceDataset(eval_problems, tok, seed=args.seed),
                                              batch_size=256, collate_fn=collate)
     return train_loader, val_loader
 
 
 def run_dpo(args):
-    start_fresh(args, os.path.join(args.out, "sft"), args.out)  # the SFT phase's folder, and DPO's
-    device = resolve_device(args.device)
-    torch.manual_seed(args.seed)  # the same order of random draws as the chapter script
-    tok = CharTokenizer()
-    train_problems, eval_problems = make_addition_splits(args.digits, args.eval_size, seed=args.seed)
-    train_loader, val_loader = sft_loaders(args, tok, train_problems, eval_problems, "04")
-    model = build_model(args, tok, device)
-
-    # phase 1: SFT to a weak start, in DIR/sft (with --resume, a finished phase only loads its end)
-    optimizer = configure_optimizer(model=model, optimizer_type="adamw", lr=args.lr, weight_decay=args.weight_decay)
-    sft = SFTTrainer(
-        model=model, optimizer=optimizer, train_loader=train_loader, val_loader=val_loader, device=device,
-        max_steps=args.sft_steps, scheduler=warmup_cosine_scheduler(optimizer, args.warmup_steps, args.sft_steps),
-        eval_every=args.eval_every, out_dir=os.path.join(args.out, "sft"),
-        eval_fn=lambda m: {"accuracy": exact_match(m, eval_problems, tok, device=device)}, **trainer_options(args))
-    start = time.perf_counter()
-    sft.train()
-    sft_seconds = time.perf_counter() - start
+    phase1 = weak_start(args, "04")  # phase 1: SFT to a weak start, in DIR/sft
+    model, tok, device, eval_problems = phase1.model, phase1.tok, phase1.device, phase1.eval_problems
+    sft_seconds = phase1.seconds
 
     # phase 2: DPO against a frozen copy of the SFT model
     start = time.perf_counter()
-    pairs, val_pairs = pair_loaders(args, tok, train_problems, eval_problems)
+    pairs, val_pairs = pair_loaders(args, tok, phase1.train_problems, eval_problems)
     optimizer = configure_optimizer(model=model, optimizer_type="adamw", lr=args.dpo_lr,
                                     weight_decay=args.weight_decay)
     dpo = DPOTrainer(

@@ -6,66 +6,36 @@ DIR/checkpoints/ the GRPO phase. With --method dpo it is chapter 04's experiment
 
 `python -m reference 05 [flags]` calls `experiments.run("05", argv)`, which calls `run_grpo`."""
 import copy
-import os
 import time
 
-import torch
-from torch.utils.data.distributed import DistributedSampler
-
-from .data import CharTokenizer, exact_match, make_addition_splits
-from .distributed import torchrun_env
-from .experiments import build_model, sft_loaders, start_fresh, trainer_options, write_summary
+from .data import exact_match
+from .experiments import sharded_loader, trainer_options, weak_start, write_summary
 from .grpo import GRPOTrainer
 from .optimizer import configure_optimizer, warmup_cosine_scheduler
 from .rewards import correctness_reward, format_reward
 from .rollout import PromptCollator, PromptDataset
-from .runtime import resolve_device
-from .sft import SFTTrainer
-
-
-def prompt_loader(args, tok, train_problems):
-    """Prompts, left-padded, sharded by a DistributedSampler: --batch-size of them per micro-batch."""
-    prompts = PromptDataset(train_problems, tok)
-    env = torchrun_env()
-    sampler = DistributedSampler(prompts, num_replicas=env.world_size, rank=env.rank, shuffle=True,
-                                 seed=args.seed, drop_last=True)
-    return torch.utils.data.DataLoader(prompts, batch_size=args.batch_size,
-                                       sampler=sampler, drop_last=True, collate_fn=PromptCollator(tok.pad_id),
-                                       generator=torch.Generator().manual_seed(args.seed))
 
 
 def run_grpo(args):
     if args.method == "dpo":
         from .experiments_dpo import run_dpo
         return run_dpo(args)
-    start_fresh(args, os.path.join(args.out, "sft"), args.out)  # the SFT phase's folder, and GRPO's
-    device = resolve_device(args.device)
-    torch.manual_seed(args.seed)  # the same order of random draws as the chapter script
-    tok = CharTokenizer()
-    train_problems, eval_problems = make_addition_splits(args.digits, args.eval_size, seed=args.seed)
-    train_loader, val_loader = sft_loaders(args, tok, train_problems, eval_problems, "05")
-    model = build_model(args, tok, device)
-
-    # phase 1: SFT to a weak start, in DIR/sft (with --resume, a finished phase only loads its end)
-    optimizer = configure_optimizer(model=model, optimizer_type="adamw", lr=args.lr, weight_decay=args.weight_decay)
-    sft = SFTTrainer(
-        model=model, optimizer=optimizer, train_loader=train_loader, val_loader=val_loader, device=device,
-        max_steps=args.sft_steps, scheduler=warmup_cosine_scheduler(optimizer, args.warmup_steps, args.sft_steps),
-        eval_every=args.eval_every, out_dir=os.path.join(args.out, "sft"),
-        eval_fn=lambda m: {"accuracy": exact_match(m, eval_problems, tok, device=device)}, **trainer_options(args))
-    start = time.perf_counter()
-    sft.train()
-    sft_seconds = time.perf_counter() - start
+    phase1 = weak_start(args, "05")  # phase 1: SFT to a weak start, in DIR/sft
+    model, tok, device, eval_problems, sft = phase1.model, phase1.tok, phase1.device, phase1.eval_problems, phase1.sft
+    sft_seconds = phase1.seconds
 
     # phase 2: GRPO on the model's own samples; evaluated as the SFT phase is (held-out loss, exact match)
     start = time.perf_counter()
+    # prompts, left-padded for generation, --batch-size of them per micro-batch (each sampled G times)
+    prompts = sharded_loader(PromptDataset(phase1.train_problems, tok), args.batch_size, PromptCollator(tok.pad_id),
+                             args.seed)
     rewards, weights = [correctness_reward], [1.0]
     if args.format_reward_weight > 0:
         rewards, weights = rewards + [format_reward], weights + [args.format_reward_weight]
     optimizer = configure_optimizer(model=model, optimizer_type="adamw", lr=args.grpo_lr,
                                     weight_decay=args.weight_decay)
     grpo = GRPOTrainer(
-        model=model, optimizer=optimizer, train_loader=prompt_loader(args, tok, train_problems), device=device,
+        model=model, optimizer=optimizer, train_loader=prompts, device=device,
         num_samples_per_prompt=args.num_samples_per_prompt, clip_eps=args.clip_eps, reward_fn=rewards,
         reward_weights=weights, tokenizer=tok, ref_model=copy.deepcopy(model) if args.beta > 0 else None,
         beta=args.beta, num_iterations=args.num_iterations, loss_type=args.loss_type, temperature=args.temperature,

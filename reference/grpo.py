@@ -205,6 +205,7 @@ class GRPOTrainer(Trainer):
         if generation_seed is not None:  # one stream per rank, or every rank samples the same tokens
             self.generator = torch.Generator(self.device).manual_seed(generation_seed + self.dist.rank)
         self.rollouts, self.rollout_uses, self.generation_seconds = None, 0, 0.0
+        self._rank_states = None  # every rank's sampling state, gathered at each checkpoint
         if self.val_loader is not None:
             self.val_loader = RolledOut(self.val_loader, self)
 
@@ -221,13 +222,15 @@ class GRPOTrainer(Trainer):
     def roll_out(self, batches):
         with torch.no_grad(), autocast_context(self.device, self.amp_dtype):
             rollouts = [self.roll_out_one(b) for b in batches]
-        # advantages over the step's rewards from every rank, as TRL: "batch" scaling needs them all
         local = torch.cat([r["rewards"] for r in rollouts])
-        everyone = [r.to(local.device) for r in all_gather_object(local.cpu())]
-        start = sum(len(r) for r in everyone[:self.dist.rank])
-        everyone = torch.cat(everyone)
-        advantages = group_advantages(everyone, self.G, self.scale_rewards)[start:start + len(local)]
-        batch_std = everyone.std() if self.scale_rewards == "batch" else None
+        if self.scale_rewards == "batch":  # the std of every rank's rewards, as TRL: gather them all
+            everyone = [r.to(local.device) for r in all_gather_object(local.cpu())]
+            start = sum(len(r) for r in everyone[:self.dist.rank])
+            everyone = torch.cat(everyone)
+            advantages = group_advantages(everyone, self.G, self.scale_rewards)[start:start + len(local)]
+            batch_std = everyone.std()
+        else:  # a group never spans ranks, so each rank's advantages are its own: no communication
+            advantages, batch_std = group_advantages(local, self.G, self.scale_rewards), None
         for r, A in zip(rollouts, advantages.split([len(r["rewards"]) for r in rollouts])):
             r["advantages"] = A
             r["metrics"].update(reward_metrics(r["rewards"], self.G, batch_std))
@@ -294,7 +297,7 @@ class GRPOTrainer(Trainer):
 
     def state_dict(self):
         state = super().state_dict()
-        state["grpo"] = getattr(self, "_rank_states", None)
+        state["grpo"] = self._rank_states
         return state
 
     def load_state_dict(self, state, source="checkpoint"):

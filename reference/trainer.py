@@ -5,7 +5,6 @@ metrics.jsonl (01); autocast, gradient accumulation with global token normalizat
 clipping (02); DDP, checkpoints and exact resume (03). A method (SFT, DPO, GRPO) subclasses it
 and supplies only `compute_loss` and `count` - its loss and what the loss is averaged over.
 """
-import json
 import os
 import time
 import warnings

@@ -1,5 +1,4 @@
 """The bench: tokenizer, data splits, collator, TinyGPT and its generate()."""
-import math
 
 import pytest
 import torch

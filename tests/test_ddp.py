@@ -1,6 +1,5 @@
 """Chapter 03 on CPU with gloo: DDP equals one process, two nodes on loopback, bitwise resume
 after SIGKILL, a torchrun restart after a killed worker, and checkpoint failure modes."""
-import json
 import os
 import socket
 import subprocess

@@ -1,5 +1,4 @@
 """Chapter 01 and `python -m reference 01` run the same experiment: identical numbers."""
-import pytest
 
 from conftest import TINY, load_chapter, read_jsonl
 from reference import experiments
