@@ -4,7 +4,7 @@ It takes the chapter script's flags and writes the same DIR/metrics.jsonl and DI
 so `python -m reference.compare` can diff the two runs step by step."""
 import sys
 
-from .experiments import CHAPTERS, run
+from .chapters import CHAPTERS, run
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in CHAPTERS:

@@ -234,27 +234,35 @@ class PreferenceCollator:
         return batch
 
 
-@torch.no_grad()
-def preference_accuracy(model, loader, device="cpu"):
-    """Fraction of pairs for which the model gives the chosen completion a strictly higher
-    log-prob than the rejected one: what DPO trains, measured without a reference model."""
-    from .dpo import sequence_logps  # dpo imports the trainer stack; data stays importable alone
-    from .sft import logits_of
-    was_training = model.training
-    model.eval()
-    wins = total = 0
-    try:
-        for batch in loader:
-            logps = {}
-            for side in ("chosen", "rejected"):
-                ids = batch[f"{side}_input_ids"].to(device)
-                mask = batch.get(f"{side}_attention_mask")
-                logits = logits_of(model(ids, attention_mask=None if mask is None else mask.to(device)))
-                logps[side] = sequence_logps(logits, batch[f"{side}_labels"].to(device))
-            wins += int((logps["chosen"] > logps["rejected"]).sum())
-            total += logps["chosen"].numel()
-    finally:
-        model.train(was_training)
-    if total == 0:
-        raise ValueError("preference_accuracy got no pairs: the loader is empty")
-    return wins / total
+# --- Prompts, for GRPO ----------------------------------------------------------------------
+
+class PromptDataset(torch.utils.data.Dataset):
+    """Each item: a Problem's prompt as token ids and as text, and the Problem itself."""
+
+    def __init__(self, problems, tokenizer):
+        if len(problems) == 0:
+            raise ValueError("PromptDataset got an empty list of problems; make the train split larger")
+        self.problems = list(problems)
+        self.prompt_ids = [tokenizer.encode(p.prompt) for p in self.problems]
+
+    def __len__(self):
+        return len(self.problems)
+
+    def __getitem__(self, i):
+        return {"prompt_ids": self.prompt_ids[i], "prompt": self.problems[i].prompt,
+                "problem": self.problems[i]}
+
+
+class PromptCollator:
+    """Left-pads prompts for generation: `prompt_input_ids`, `prompt_attention_mask` [B, P], plus
+    `prompts` (list of str) and `problems` (list of Problem) for the reward functions.
+
+    The default collate would try to stack the Problems; this keeps them as plain lists."""
+
+    def __init__(self, pad_id):
+        self.pad_id = pad_id
+
+    def __call__(self, items):
+        ids, mask = left_pad([it["prompt_ids"] for it in items], self.pad_id)
+        return {"prompt_input_ids": ids, "prompt_attention_mask": mask,
+                "prompts": [it["prompt"] for it in items], "problems": [it["problem"] for it in items]}

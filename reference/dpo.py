@@ -13,24 +13,23 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from .logprobs import check_batch, forward_logits, sequence_logps
 from .runtime import autocast_context
-from .sft import check_batch, logits_of, per_token_logps
 from .trainer import Trainer
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
 
-def sequence_logps(logits, labels):
-    """log p(completion | prompt): the summed log-probs of the completion tokens, one per row [B].
-
-    As in `sft_loss_sum`, the logits at position t predict the token at t+1. Prompt and padding
-    positions (label -100) add nothing, so neither the prompt nor extra padding changes it.
-    log_softmax runs in float32: in bf16, sums over many tokens lose the small differences
-    between chosen and rejected that DPO is made of."""
-    mask = labels[:, 1:] != -100
-    per_token = per_token_logps(logits, labels.clamp(min=0))  # -100 -> any real id; masked below
-    # where(), not a multiply: a -inf log-prob at a masked position times 0 would be NaN
-    return torch.where(mask, per_token, torch.zeros_like(per_token)).sum(dim=-1)
+def check_dpo_options(beta, loss_type, label_smoothing):
+    """ValueError naming the first bad DPO option."""
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0 (it scales the KL penalty to the reference; 0.1 is "
+                         f"usual), got beta={beta}")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5) (the probability that a preference "
+                         f"label is wrong), got {label_smoothing}")
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
@@ -45,14 +44,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
                it to infinity
       hinge:   relu(1 - beta * logits), the SLiC margin loss
     The rewards are detached: they are for logging, not for the gradient."""
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0 (it scales the KL penalty to the reference; 0.1 is "
-                         f"usual), got beta={beta}")
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5) (the probability that a preference "
-                         f"label is wrong), got {label_smoothing}")
+    check_dpo_options(beta, loss_type, label_smoothing)
     logits = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
     if loss_type == "sigmoid":
         # logsigmoid, not log(sigmoid()): stays finite when beta * logits is +-1e4
@@ -141,6 +133,30 @@ def check_dpo_batch(batch):
     return B
 
 
+@torch.no_grad()
+def preference_accuracy(model, loader, device="cpu"):
+    """Fraction of pairs for which the model gives the chosen completion a strictly higher
+    log-prob than the rejected one: what DPO trains, measured without a reference model."""
+    was_training = model.training
+    model.eval()
+    wins = total = 0
+    try:
+        for batch in loader:
+            logps = {}
+            for side in ("chosen", "rejected"):
+                ids = batch[f"{side}_input_ids"].to(device)
+                mask = batch.get(f"{side}_attention_mask")
+                logits = forward_logits(model, ids, None if mask is None else mask.to(device))
+                logps[side] = sequence_logps(logits, batch[f"{side}_labels"].to(device))
+            wins += int((logps["chosen"] > logps["rejected"]).sum())
+            total += logps["chosen"].numel()
+    finally:
+        model.train(was_training)
+    if total == 0:
+        raise ValueError("preference_accuracy got no pairs: the loader is empty")
+    return wins / total
+
+
 # --- DPOTrainer ---------------------------------------------------------------------------
 # The trainer (a `Trainer` subclass: `count` = pairs, `compute_loss` = the functions above)
 # goes below this line.
@@ -216,8 +232,7 @@ class DPOTrainer(Trainer):
                  device="auto", max_epochs=1, loss_type="sigmoid", label_smoothing=0.0,
                  precompute_ref_logps=False, pad_token_id=0, rpo_alpha=None, **trainer_kwargs):
         # check before the Trainer joins a process group or moves anything
-        dpo_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), beta=beta,
-                 loss_type=loss_type, label_smoothing=label_smoothing)  # its ValueErrors name the bad option
+        check_dpo_options(beta, loss_type, label_smoothing)
         if rpo_alpha is not None and not rpo_alpha >= 0:
             raise ValueError(f"rpo_alpha must be >= 0 (the weight of the chosen completion's NLL; the RPO "
                              f"paper uses 1.0), or None for plain DPO; got {rpo_alpha}")
@@ -244,7 +259,7 @@ class DPOTrainer(Trainer):
     def concatenated_forward(self, model, batch):
         """log p(chosen) and log p(rejected) `[B]` each, from one forward pass over both halves."""
         ids, labels, mask = concat_pairs(batch, self.pad_token_id)
-        logps = sequence_logps(logits_of(model(ids, attention_mask=mask)), labels)
+        logps = sequence_logps(forward_logits(model, ids, mask), labels)
         B = batch["chosen_input_ids"].shape[0]
         return logps[:B], logps[B:]
 

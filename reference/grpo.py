@@ -18,7 +18,7 @@ import torch
 from .distributed import all_gather_object
 from .rollout import RolledOut, move, offline_rollout, online_rollout, reward_functions, reward_metrics
 from .runtime import autocast_context
-from .sft import logits_of, per_token_logps
+from .logprobs import forward_logits, per_token_logps
 from .trainer import Trainer
 
 SCALES = ("group", "batch", "none")
@@ -191,7 +191,7 @@ class GRPOTrainer(Trainer):
         super().__init__(model, optimizer, train_loader, device=device, max_epochs=max_epochs, **trainer_kwargs)
         if trainer_kwargs.get("max_steps") is None:
             self.max_steps *= num_iterations  # every generation is trained on num_iterations times
-        self.G, self.clip_eps, self.clip_eps_high, self.beta = num_samples_per_prompt, clip_eps, clip_eps_high, beta
+        self.num_samples_per_prompt, self.clip_eps, self.clip_eps_high, self.beta = num_samples_per_prompt, clip_eps, clip_eps_high, beta
         self.reward_fns, self.reward_weights, self.reward_names = fns, weights, names
         self.tokenizer, self.num_iterations, self.loss_type = tokenizer, num_iterations, loss_type
         self.scale_rewards, self.temperature, self.top_k = scale_rewards, temperature, top_k
@@ -227,13 +227,13 @@ class GRPOTrainer(Trainer):
             everyone = [r.to(local.device) for r in all_gather_object(local.cpu())]
             start = sum(len(r) for r in everyone[:self.dist.rank])
             everyone = torch.cat(everyone)
-            advantages = group_advantages(everyone, self.G, self.scale_rewards)[start:start + len(local)]
+            advantages = group_advantages(everyone, self.num_samples_per_prompt, self.scale_rewards)[start:start + len(local)]
             batch_std = everyone.std()
         else:  # a group never spans ranks, so each rank's advantages are its own: no communication
-            advantages, batch_std = group_advantages(local, self.G, self.scale_rewards), None
+            advantages, batch_std = group_advantages(local, self.num_samples_per_prompt, self.scale_rewards), None
         for r, A in zip(rollouts, advantages.split([len(r["rewards"]) for r in rollouts])):
             r["advantages"] = A
-            r["metrics"].update(reward_metrics(r["rewards"], self.G, batch_std))
+            r["metrics"].update(reward_metrics(r["rewards"], self.num_samples_per_prompt, batch_std))
             with torch.no_grad(), autocast_context(self.device, self.amp_dtype):
                 # pi_old is needed only when a rollout is reused; on its first use ratio = 1 exactly
                 r["old_logps"] = self.logps(self.raw_model, r) if self.num_iterations > 1 else None
@@ -247,18 +247,18 @@ class GRPOTrainer(Trainer):
                                  "(a function scoring completions) and tokenizer= (to decode them); pass both, "
                                  "or give offline batches with input_ids, response_mask and rewards")
             return online_rollout(self.raw_model, batch, self.tokenizer, self.reward_fns, self.reward_names,
-                                  self.reward_weights, self.G, self.max_completion_length, self.temperature,
+                                  self.reward_weights, self.num_samples_per_prompt, self.max_completion_length, self.temperature,
                                   self.top_k, self.generator)
         if "input_ids" in batch:
             if self.reward_fns:
                 raise ValueError("the batch holds input_ids (offline GRPO), whose rewards come with it, but "
                                  "reward_fn was given; drop reward_fn, or give prompt batches (prompt_input_ids)")
-            return offline_rollout(batch, self.G, self.max_completion_length if self.loss_type == "dr_grpo" else None)
+            return offline_rollout(batch, self.num_samples_per_prompt, self.max_completion_length if self.loss_type == "dr_grpo" else None)
         raise ValueError(f"GRPO batch has neither 'prompt_input_ids' (online) nor 'input_ids' (offline); it has "
                          f"{sorted(batch)}")
 
     def logps(self, model, rollout):
-        logits = logits_of(model(rollout["input_ids"], attention_mask=rollout["attention_mask"]))
+        logits = forward_logits(model, rollout["input_ids"], rollout["attention_mask"])
         return per_token_logps(logits, rollout["input_ids"], self.temperature)
 
     # --- the loss -----------------------------------------------------------------------------

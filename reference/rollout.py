@@ -17,42 +17,9 @@ import functools
 
 import torch
 
-from .data import left_pad
+from .logprobs import check_batch, forward_logits
 from .model import TinyGPT, next_token
 from .rewards import check_rewards
-from .sft import check_batch, logits_of
-
-
-class PromptDataset(torch.utils.data.Dataset):
-    """Each item: a Problem's prompt as token ids and as text, and the Problem itself."""
-
-    def __init__(self, problems, tokenizer):
-        if len(problems) == 0:
-            raise ValueError("PromptDataset got an empty list of problems; make the train split larger")
-        self.problems = list(problems)
-        self.prompt_ids = [tokenizer.encode(p.prompt) for p in self.problems]
-
-    def __len__(self):
-        return len(self.problems)
-
-    def __getitem__(self, i):
-        return {"prompt_ids": self.prompt_ids[i], "prompt": self.problems[i].prompt,
-                "problem": self.problems[i]}
-
-
-class PromptCollator:
-    """Left-pads prompts for generation: `prompt_input_ids`, `prompt_attention_mask` [B, P], plus
-    `prompts` (list of str) and `problems` (list of Problem) for the reward functions.
-
-    The default collate would try to stack the Problems; this keeps them as plain lists."""
-
-    def __init__(self, pad_id):
-        self.pad_id = pad_id
-
-    def __call__(self, items):
-        ids, mask = left_pad([it["prompt_ids"] for it in items], self.pad_id)
-        return {"prompt_input_ids": ids, "prompt_attention_mask": mask,
-                "prompts": [it["prompt"] for it in items], "problems": [it["problem"] for it in items]}
 
 
 def special_ids(tokenizer):
@@ -87,7 +54,7 @@ def sample(model, input_ids, attention_mask, max_new_tokens=8, temperature=1.0, 
     finished = torch.zeros(seq.shape[0], dtype=torch.bool, device=seq.device)
     out = []
     for _ in range(max_new_tokens):
-        logits = logits_of(model(seq, attention_mask=mask))[:, -1, :]
+        logits = forward_logits(model, seq, mask)[:, -1, :]
         tok = torch.where(finished, torch.full_like(finished, pad_token_id, dtype=torch.long),
                           next_token(logits, do_sample, temperature, top_k, generator))
         out.append(tok)

@@ -53,7 +53,7 @@ class Trainer:
             max_steps = max_epochs * max(1, len(train_loader) // self.grad_accum_steps)
         if max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {max_steps}")
-        self.max_steps, self.max_epochs = int(max_steps), max_epochs
+        self.max_steps = int(max_steps)
         self.raw_model = model.to(self.device)
         self.model = self.raw_model
         if self.dist.enabled:

@@ -37,7 +37,8 @@ from tqdm import tqdm
 
 from reference.checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
 from reference.data import CharTokenizer, SFTCollator, SFTDataset, exact_match, make_addition_splits
-from reference.data import PreferenceCollator, PreferenceDataset, preference_accuracy
+from reference.data import PreferenceCollator, PreferenceDataset
+from reference.dpo import preference_accuracy
 from reference.model import GPTConfig, TinyGPT
 from reference.optimizer import configure_optimizer
 

@@ -42,10 +42,12 @@ from tqdm import tqdm
 
 from reference.checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
 from reference.data import CharTokenizer, SFTCollator, SFTDataset, exact_match, make_addition_splits
-from reference.data import PreferenceCollator, PreferenceDataset, preference_accuracy
+from reference.data import PreferenceCollator, PreferenceDataset
+from reference.dpo import preference_accuracy
 from reference.grpo import group_advantages, grpo_loss, per_token_logps
 from reference.rewards import check_rewards, correctness_reward, format_reward
-from reference.rollout import PromptCollator, PromptDataset, move
+from reference.data import PromptCollator, PromptDataset
+from reference.rollout import move
 from reference.model import GPTConfig, TinyGPT
 from reference.optimizer import configure_optimizer
 

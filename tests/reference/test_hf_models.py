@@ -17,7 +17,7 @@ from conftest import read_jsonl  # noqa: E402
 from reference import DPOTrainer, GRPOTrainer, SFTTrainer, configure_optimizer  # noqa: E402
 from reference.data import (CharTokenizer, PreferenceCollator, PreferenceDataset, SFTCollator,  # noqa: E402
                             SFTDataset, make_addition_splits)
-from reference.rollout import PromptCollator, PromptDataset  # noqa: E402
+from reference.data import PromptCollator, PromptDataset  # noqa: E402
 
 TOK = CharTokenizer()
 TRAIN, _ = make_addition_splits(1, 20, seed=0)  # one-digit sums: 80 train problems, prompts of 4 tokens

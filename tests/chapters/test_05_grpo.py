@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from conftest import ROOT, TINY, load_chapter, read_jsonl
-from reference import experiments
+from reference import chapters
 from reference.compare import compare
 
 # 20 SFT steps of 4 sequences, then 20 GRPO steps of 4 prompts x 8 samples, in fp32; checkpoints every 10 steps
@@ -46,7 +46,7 @@ def chapter_run(tmp_path_factory):
 
 def test_chapter_05_matches_reference_bitwise(chapter_run, tmp_path):
     out, ch = chapter_run
-    ref = experiments.run("05", TINY05 + ["--out", str(tmp_path)])
+    ref = chapters.run("05", TINY05 + ["--out", str(tmp_path)])
     assert_identical_runs(out, str(tmp_path))
     grpo = read_jsonl(os.path.join(out, "metrics.jsonl"))
     assert all(GRPO_KEYS <= set(r) and "kl" not in r for r in grpo)
@@ -63,7 +63,7 @@ def test_chapter_05_kl_and_reuse_match_reference_bitwise(tmp_path):
     args = TINY05 + ["--beta", "0.05", "--num-iterations", "2", "--loss-type", "dapo", "--top-k", "5",
                      "--format-reward-weight", "0.5", "--grpo-lr", "1e-2", "--grad-accum-steps", "2"]
     load_chapter("05").main(args + ["--out", str(tmp_path / "ch")])
-    experiments.run("05", args + ["--out", str(tmp_path / "ref")])
+    chapters.run("05", args + ["--out", str(tmp_path / "ref")])
     assert_identical_runs(str(tmp_path / "ch"), str(tmp_path / "ref"))
     grpo = read_jsonl(os.path.join(tmp_path, "ch", "metrics.jsonl"))
     assert all("kl" in r and "rewards/format_reward" in r for r in grpo)
@@ -72,7 +72,7 @@ def test_chapter_05_kl_and_reuse_match_reference_bitwise(tmp_path):
 
 def test_chapter_05_defaults_match_reference_defaults():
     ch = vars(load_chapter("05").get_args([]))
-    ref = vars(experiments.get_args("05", []))
+    ref = vars(chapters.get_args("05", []))
     ch.pop("out"), ref.pop("out")
     ch.pop("crash_at_step")  # the chapter's fault-tolerance demo; the reference Trainer has no such flag
     assert ch == ref

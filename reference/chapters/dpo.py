@@ -3,16 +3,16 @@ DPOTrainer against a frozen copy of it. The same data, model, random draws and o
 `tutorial/04_dpo/train.py`: DIR/sft/ holds the SFT phase, DIR/metrics.jsonl and DIR/checkpoints/
 the DPO phase.
 
-`python -m reference 04 [flags]` calls `experiments.run("04", argv)`, which calls `run_dpo`."""
+`python -m reference 04 [flags]` calls `chapters.run("04", argv)`, which calls `run_dpo`."""
 import copy
 import time
 
 import torch
 
-from .data import PreferenceCollator, PreferenceDataset, exact_match, preference_accuracy
-from .dpo import DPOTrainer
-from .experiments import sharded_loader, trainer_options, weak_start, write_summary
-from .optimizer import configure_optimizer, warmup_cosine_scheduler
+from ..data import PreferenceCollator, PreferenceDataset, exact_match
+from ..dpo import DPOTrainer, preference_accuracy
+from .common import sharded_loader, trainer_options, weak_start, write_summary
+from ..optimizer import configure_optimizer, warmup_cosine_scheduler
 
 
 def pair_loaders(args, tok, train_problems, eval_problems):

@@ -1,14 +1,14 @@
 """Chapter 01 and `python -m reference 01` run the same experiment: identical numbers."""
 
 from conftest import TINY, load_chapter, read_jsonl
-from reference import experiments
+from reference import chapters
 from reference.compare import compare, load
 
 
 def test_chapter_01_matches_reference_bitwise(tmp_path):
     argv = TINY
     ch = load_chapter("01").main(argv + ["--out", str(tmp_path / "ch")])
-    ref = experiments.run("01", argv + ["--out", str(tmp_path / "ref")])
+    ref = chapters.run("01", argv + ["--out", str(tmp_path / "ref")])
     a, b = read_jsonl(tmp_path / "ch" / "metrics.jsonl"), read_jsonl(tmp_path / "ref" / "metrics.jsonl")
     assert len(a) == len(b) == 30
     assert [r["loss"] for r in a] == [r["loss"] for r in b]          # bitwise, every step
@@ -21,7 +21,7 @@ def test_chapter_01_matches_reference_bitwise(tmp_path):
 
 def test_chapter_01_defaults_match_reference_defaults():
     ch = vars(load_chapter("01").get_args([]))
-    ref = vars(experiments.get_args("01", []))
+    ref = vars(chapters.get_args("01", []))
     ch.pop("out"), ref.pop("out")
     assert ch == ref
 

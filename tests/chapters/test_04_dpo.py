@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY, load_chapter, read_jsonl
-from reference import experiments
+from reference import chapters
 from reference.compare import compare, load
 
 # 20 SFT steps, then 30 DPO steps, in fp32; checkpoints every 10 steps of either phase
@@ -40,7 +40,7 @@ def chapter_run(tmp_path_factory):
 
 def test_chapter_04_matches_reference_bitwise(chapter_run, tmp_path):
     out, ch = chapter_run
-    ref = experiments.run("04", TINY04 + ["--out", str(tmp_path)])
+    ref = chapters.run("04", TINY04 + ["--out", str(tmp_path)])
     assert_identical_runs(out, str(tmp_path))
     dpo = read_jsonl(metrics(out))
     assert all(TRL_KEYS | {"nll_loss"} <= set(r) for r in dpo)
@@ -56,14 +56,14 @@ def test_chapter_04_plain_dpo_with_precomputed_reference_matches_reference(tmp_p
     """The other code paths: no NLL term (plain DPO), and reference log-probs scored before training."""
     args = TINY04 + ["--rpo-alpha", "0", "--precompute-ref-logps"]
     load_chapter("04").main(args + ["--out", str(tmp_path / "ch")])
-    experiments.run("04", args + ["--out", str(tmp_path / "ref")])
+    chapters.run("04", args + ["--out", str(tmp_path / "ref")])
     assert_identical_runs(str(tmp_path / "ch"), str(tmp_path / "ref"))
     assert "nll_loss" not in read_jsonl(metrics(str(tmp_path / "ch")))[0]
 
 
 def test_chapter_04_defaults_match_reference_defaults():
     ch = vars(load_chapter("04").get_args([]))
-    ref = vars(experiments.get_args("04", []))
+    ref = vars(chapters.get_args("04", []))
     ch.pop("out"), ref.pop("out")
     ch.pop("crash_at_step")  # the chapter's fault-tolerance demo; the reference Trainer has no such flag
     assert ch == ref

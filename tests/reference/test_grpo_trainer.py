@@ -12,10 +12,11 @@ from torch.utils.data import DataLoader
 from conftest import ROOT, read_jsonl
 from reference import GRPOTrainer
 from reference.data import CharTokenizer, Problem
-from reference.grpo import group_advantages, grpo_loss, per_token_logps
+from reference.grpo import group_advantages, grpo_loss
+from reference.logprobs import per_token_logps
 from reference.model import GPTConfig, TinyGPT
 from reference.rewards import correctness_reward, format_reward
-from reference.rollout import PromptCollator, PromptDataset
+from reference.data import PromptCollator, PromptDataset
 
 TOK = CharTokenizer()
 G = 4
@@ -336,7 +337,7 @@ def test_resume_in_the_middle_of_a_reused_rollout_is_bitwise(tmp_path):
 def test_offline_ddp_equals_one_process(tmp_path):
     """2 processes x 2 micro-batches of 1 group == 1 process x 1 batch of 4 groups, over 10 steps,
     for grpo (num_iterations=2), dapo (batch-scaled rewards, KL) and dr_grpo."""
-    script = os.path.join(ROOT, "tests", "grpo_offline_ddp.py")
+    script = os.path.join(ROOT, "tests", "scripts", "grpo_offline_ddp.py")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     one, two = str(tmp_path / "one.pt"), str(tmp_path / "two.pt")
     r = subprocess.run([sys.executable, script, "--out", one], env=env, capture_output=True, text=True, timeout=120)

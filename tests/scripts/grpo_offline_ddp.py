@@ -5,8 +5,8 @@ shuffles and shards groups, never rows. Every run trains on the same groups per 
 (`--groups-per-step`), however many processes and micro-batches share them. Rank 0 writes each
 config's losses, grad norms and final parameters to `--out` (torch.save).
 
-    python tests/grpo_offline_ddp.py --out one.pt
-    torchrun --nproc_per_node=2 tests/grpo_offline_ddp.py --out two.pt --grad-accum-steps 2
+    python tests/scripts/grpo_offline_ddp.py --out one.pt
+    torchrun --nproc_per_node=2 tests/scripts/grpo_offline_ddp.py --out two.pt --grad-accum-steps 2
 """
 import argparse
 import copy

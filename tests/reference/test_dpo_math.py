@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reference.data import (CharTokenizer, PreferenceCollator, PreferenceDataset, Problem,
-                            preference_accuracy, rejected_answer)
-from reference.dpo import check_dpo_batch, concat_pairs, dpo_loss, dpo_metrics, sequence_logps
+from reference.data import CharTokenizer, PreferenceCollator, PreferenceDataset, Problem, rejected_answer
+from reference.dpo import check_dpo_batch, concat_pairs, dpo_loss, dpo_metrics, preference_accuracy
+from reference.logprobs import sequence_logps
 from reference.model import GPTConfig, TinyGPT
 
 TOK = CharTokenizer()

@@ -11,7 +11,8 @@ import torch
 
 from reference import DPOTrainer, configure_optimizer
 from reference.data import CharTokenizer, PreferenceCollator, PreferenceDataset, Problem
-from reference.dpo import dpo_loss, sequence_logps
+from reference.dpo import dpo_loss
+from reference.logprobs import sequence_logps
 from reference.model import GPTConfig, TinyGPT
 from reference.optimizer import warmup_cosine_scheduler
 

@@ -4,21 +4,20 @@ model, random draws, sampling stream (generation_seed = --seed, plus the rank) a
 as `tutorial/05_grpo/train.py`: DIR/sft/ holds the SFT phase, DIR/metrics.jsonl and
 DIR/checkpoints/ the GRPO phase. With --method dpo it is chapter 04's experiment.
 
-`python -m reference 05 [flags]` calls `experiments.run("05", argv)`, which calls `run_grpo`."""
+`python -m reference 05 [flags]` calls `chapters.run("05", argv)`, which calls `run_grpo`."""
 import copy
 import time
 
-from .data import exact_match
-from .experiments import sharded_loader, trainer_options, weak_start, write_summary
-from .grpo import GRPOTrainer
-from .optimizer import configure_optimizer, warmup_cosine_scheduler
-from .rewards import correctness_reward, format_reward
-from .rollout import PromptCollator, PromptDataset
+from ..data import PromptCollator, PromptDataset, exact_match
+from .dpo import run_dpo
+from .common import sharded_loader, trainer_options, weak_start, write_summary
+from ..grpo import GRPOTrainer
+from ..optimizer import configure_optimizer, warmup_cosine_scheduler
+from ..rewards import correctness_reward, format_reward
 
 
 def run_grpo(args):
     if args.method == "dpo":
-        from .experiments_dpo import run_dpo
         return run_dpo(args)
     phase1 = weak_start(args, "05")  # phase 1: SFT to a weak start, in DIR/sft
     model, tok, device, eval_problems, sft = phase1.model, phase1.tok, phase1.device, phase1.eval_problems, phase1.sft

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reference.grpo import LOSS_TYPES, group_advantages, grpo_loss, k3_kl, per_token_logps
+from reference.grpo import LOSS_TYPES, group_advantages, grpo_loss, k3_kl
+from reference.logprobs import per_token_logps
 from reference.rewards import check_rewards, correctness_reward, format_reward
 
 

@@ -1,7 +1,5 @@
-"""Each chapter's experiment, built from the reference package: the same data, model, seed and
-flags as `tutorial/NN/train.py`, so the two runs can be compared number for number.
-
-`python -m reference NN [flags]` calls `run(NN, argv)`."""
+"""What every chapter's experiment shares: its flags, the SFT loaders and phase, the model, the
+output folder's fresh start and summary.json."""
 import argparse
 import json
 import os
@@ -12,14 +10,13 @@ from types import SimpleNamespace
 import torch
 from torch.utils.data.distributed import DistributedSampler
 
-from .data import CharTokenizer, SFTCollator, SFTDataset, exact_match, make_addition_splits
-from .distributed import teardown, torchrun_env
-from .model import GPTConfig, TinyGPT
-from .optimizer import configure_optimizer, warmup_cosine_scheduler
-from .runtime import resolve_device
-from .sft import SFTTrainer
+from ..data import CharTokenizer, SFTCollator, SFTDataset, exact_match, make_addition_splits
+from ..distributed import torchrun_env
+from ..model import GPTConfig, TinyGPT
+from ..optimizer import configure_optimizer, warmup_cosine_scheduler
+from ..runtime import resolve_device
+from ..sft import SFTTrainer
 
-CHAPTERS = ("01", "02", "03", "04", "05")
 DPO_LOSSES, GRPO_LOSSES = ("sigmoid", "ipo", "hinge"), ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
@@ -159,25 +156,6 @@ def build_model(args, tok, device):
     cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=4 * args.digits + 4,
                     n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     return TinyGPT(cfg).to(device)
-
-
-def run(chapter, argv=None):
-    """Run chapter `chapter`'s experiment; returns the summary (None on ranks other than 0)."""
-    args = get_args(chapter, argv)
-    try:
-        if chapter == "05":
-            from .experiments_grpo import run_grpo  # GRPO, or with --method dpo chapter 04's DPO
-            summary = run_grpo(args)
-        elif chapter == "04":
-            from .experiments_dpo import run_dpo  # it builds on this module's helpers
-            summary = run_dpo(args)
-        else:
-            summary = run_sft(chapter, args)
-    except BaseException:
-        teardown(barrier=False)
-        raise
-    teardown()
-    return summary
 
 
 def start_fresh(args, *outs):
