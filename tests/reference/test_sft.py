@@ -17,7 +17,7 @@ def test_masked_loss_equals_hand_computation():
     logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0], [9.0, 9.0, 9.0]]])
     labels = torch.tensor([[-100, -100, 1, 2]])
     loss_sum, n = sft_loss_sum(logits, labels)
-    # position 1 predicts label[2]=1 from logits [0,1,0]; position 2 predicts label[3]=2 from [0,0,3]
+    # position 1 predicts label[2]=1 from logits [0,1,0]; position 2, label[3]=2 from [0,0,3]
     expected = (-(1 - math.log(2 + math.e))) + (-(3 - math.log(2 + math.exp(3))))
     assert n.item() == 2
     assert loss_sum.item() == pytest.approx(expected, rel=1e-6)
@@ -51,10 +51,12 @@ def test_optimizer_groups_decay_matrices_only():
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = sorted(names[id(p)] for p in decay["params"])
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert all(n.endswith("weight") and "ln" not in n and n not in ("wte.weight", "wpe.weight") for n in decayed)
+    assert all(n.endswith("weight") and "ln" not in n and n not in ("wte.weight", "wpe.weight")
+               for n in decayed)
     assert "lm_head.weight" in decayed and "blocks.0.attn.qkv.weight" in decayed
     not_decayed = {names[id(p)] for p in no_decay["params"]}
-    assert {"wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias", "blocks.0.attn.proj.bias"} <= not_decayed
+    assert {"wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias",
+            "blocks.0.attn.proj.bias"} <= not_decayed
     assert len(decayed) + len(not_decayed) == len(list(model.parameters()))
     assert isinstance(opt, torch.optim.AdamW)
 
@@ -63,8 +65,8 @@ def test_unknown_optimizer_type_is_a_clear_error():
     model = torch.nn.Linear(2, 2)
     with pytest.raises(ValueError, match="unknown optimizer_type 'lion'.*adamw"):
         configure_optimizer(model=model, optimizer_type="lion", lr=1e-3, weight_decay=0.0)
-    assert isinstance(configure_optimizer(model=model, optimizer_type="sgd", lr=0.1, weight_decay=0.0),
-                      torch.optim.SGD)
+    sgd = configure_optimizer(model=model, optimizer_type="sgd", lr=0.1, weight_decay=0.0)
+    assert isinstance(sgd, torch.optim.SGD)
 
 
 def test_schedule_warms_up_linearly_then_decays_by_cosine():
@@ -72,7 +74,7 @@ def test_schedule_warms_up_linearly_then_decays_by_cosine():
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(b > a for a, b in zip(lrs[:10], lrs[1:10]))          # rising during warmup
     assert all(b <= a for a, b in zip(lrs[10:], lrs[11:]))          # never rising after
-    assert lrs[60] == pytest.approx(0.1 + 0.9 * 0.5)                 # half-way: the cosine's midpoint
+    assert lrs[60] == pytest.approx(0.1 + 0.9 * 0.5)                 # half-way: cosine's midpoint
     assert warmup_cosine(110, 10, 110, 0.1) == pytest.approx(0.1)    # ends at min_ratio
     assert warmup_cosine(500, 10, 110, 0.1) == pytest.approx(0.1)    # and stays there
 
@@ -82,7 +84,8 @@ def make_trainer(batches=None, dataset=None, **kw):
     tok = CharTokenizer()
     model = TinyGPT(GPTConfig(vocab_size=14, block_size=16, n_layer=1, n_embd=32))
     if batches is None:
-        ds = dataset if dataset is not None else SFTDataset([Problem(1, 2, 1), Problem(3, 4, 1), Problem(5, 6, 1), Problem(7, 8, 1)], tok)
+        problems = [Problem(1, 2, 1), Problem(3, 4, 1), Problem(5, 6, 1), Problem(7, 8, 1)]
+        ds = dataset if dataset is not None else SFTDataset(problems, tok)
         batches = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=SFTCollator(tok.pad_id))
     opt = configure_optimizer(model=model, optimizer_type="adamw", lr=1e-3, weight_decay=0.0)
     args = dict(model=model, optimizer=opt, train_loader=batches, val_loader=None, device="cpu",
