@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .logprobs import positions_from_mask
+
 
 @dataclass
 class GPTConfig:
@@ -143,19 +145,13 @@ class TinyGPT(nn.Module):
                     caches = [dict() for _ in self.blocks]
                 logits = self._run(seq, positions, attn_mask, caches)
             next_tok = next_token(logits[:, -1, :], do_sample, temperature, top_k, generator)
-            next_tok = torch.where(finished, torch.full_like(next_tok, pad_token_id), next_tok)
+            next_tok, finished = end_rows(next_tok, finished, eos_token_id, pad_token_id)
             out.append(next_tok)
-            if eos_token_id is not None:
-                finished |= next_tok == eos_token_id
             seq = torch.cat([seq, next_tok[:, None]], dim=1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             if eos_token_id is not None and bool(finished.all()):
                 break
-        tokens = torch.stack(out, dim=1)
-        if tokens.shape[1] < max_new_tokens:  # every row ended early: pad to a fixed width
-            fill = tokens.new_full((B, max_new_tokens - tokens.shape[1]), pad_token_id)
-            tokens = torch.cat([tokens, fill], dim=1)
-        return tokens
+        return new_tokens(out, max_new_tokens, pad_token_id)
 
 
 def next_token(logits, do_sample=False, temperature=1.0, top_k=None, generator=None):
@@ -171,6 +167,26 @@ def next_token(logits, do_sample=False, temperature=1.0, top_k=None, generator=N
     return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
 
 
+def end_rows(tokens, finished, eos_token_id, pad_token_id):
+    """The end-token rule every sampler here follows (TinyGPT's generate and
+    `reference.rollout.sample`): a row that has ended gets `pad_token_id`, and a row ends at its
+    first `eos_token_id`. Returns (tokens [B], finished [B])."""
+    tokens = torch.where(finished, torch.full_like(tokens, pad_token_id), tokens)
+    if eos_token_id is not None:
+        finished = finished | (tokens == eos_token_id)
+    return tokens, finished
+
+
+def new_tokens(steps, max_new_tokens, pad_token_id):
+    """The tokens of each step, [B] each, as [B, max_new_tokens]: a loop that stopped because
+    every row had ended is padded to the fixed width."""
+    tokens = torch.stack(steps, dim=1)
+    if tokens.shape[1] < max_new_tokens:
+        fill = tokens.new_full((tokens.shape[0], max_new_tokens - tokens.shape[1]), pad_token_id)
+        tokens = torch.cat([tokens, fill], dim=1)
+    return tokens
+
+
 def _is_right_padded(attention_mask):
     """True when every row is real tokens then padding (1...1 0...0): no left padding, no holes."""
     return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
@@ -181,7 +197,7 @@ def _positions_and_mask(attention_mask):
     padded keys. Each query may always see itself, so no row of the softmax is empty."""
     mask = attention_mask.bool()
     T = mask.shape[1]
-    positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+    positions = positions_from_mask(attention_mask)
     causal = torch.ones(T, T, dtype=torch.bool, device=mask.device).tril()
     eye = torch.eye(T, dtype=torch.bool, device=mask.device)
     attn_mask = (causal & mask[:, None, None, :]) | eye

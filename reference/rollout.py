@@ -1,10 +1,10 @@
 """Rollouts for GRPO: prompts in, scored completions out, and the prompt data that feeds them.
 
 Online GRPO does this before any loss: repeat each prompt `group_size` times (one contiguous
-group per prompt), sample completions (TinyGPT's KV-cache `generate()`, or `sample()` for any other
-causal LM, a Hugging Face one included), keep each one up to
-and including its first end token, decode it, and score it with the reward functions. Offline
-GRPO skips all of that: its batches arrive with the completions and rewards already in them.
+group per prompt), sample completions (`sampler_for(model)`: TinyGPT's own KV-cache `generate()`,
+or `sample()` for any other causal LM, a Hugging Face one included), keep each one up to and
+including its first end token, decode it, and score it with the reward functions. Offline GRPO
+skips all of that: its batches arrive with the completions and rewards already in them.
 
 A rollout is a dict of tensors that `GRPOTrainer.compute_loss` trains on:
   input_ids [N, T], attention_mask [N, T] or None   prompt + completion, one row per sample
@@ -14,11 +14,12 @@ A rollout is a dict of tensors that `GRPOTrainer.compute_loss` trains on:
 The trainer adds advantages, old_logps and ref_logps.
 """
 import functools
+import inspect
 
 import torch
 
-from .logprobs import check_batch, forward_logits
-from .model import TinyGPT, next_token
+from .logprobs import check_batch, forward_logits, logits_of, positions_from_mask, takes
+from .model import end_rows, new_tokens, next_token
 from .rewards import check_rewards
 
 
@@ -27,8 +28,8 @@ def special_ids(tokenizer):
     eos = getattr(tokenizer, "eos_id", getattr(tokenizer, "eos_token_id", None))
     pad = getattr(tokenizer, "pad_id", getattr(tokenizer, "pad_token_id", None))
     if eos is None:
-        raise ValueError("the tokenizer has no end token (eos_id / eos_token_id); GRPO needs one to "
-                         "know where a completion ends")
+        raise ValueError("the tokenizer has no end token (eos_id / eos_token_id); GRPO needs one "
+                         "to know where a completion ends")
     return eos, eos if pad is None else pad
 
 
@@ -41,30 +42,71 @@ def context_length(model):
     return None
 
 
+def cache_argument(model):
+    """The keyword under which `model`'s forward takes its KV cache back (`cache` in
+    transformers 5, `past_key_values` before), or None when it takes none."""
+    return next((name for name in ("cache", "past_key_values") if takes(model, name)), None)
+
+
 @torch.no_grad()
-def sample(model, input_ids, attention_mask, max_new_tokens=8, temperature=1.0, top_k=None, do_sample=True,
-           eos_token_id=None, pad_token_id=0, generator=None):
+def sample(model, input_ids, attention_mask=None, max_new_tokens=8, temperature=1.0, top_k=None,
+           do_sample=True, eos_token_id=None, pad_token_id=0, generator=None, use_cache=True):
     """`TinyGPT.generate`'s contract for any causal LM whose forward takes `(input_ids,
     attention_mask=)` and returns logits or an object with `.logits`, such as a Hugging Face
-    model: the new tokens [B, max_new_tokens], `pad_token_id` after a row's first end token,
-    drawn from `generator`. No KV cache: the whole sequence is run again for each new token,
-    which is fine for short completions. The model places the tokens itself, so left-padded
-    prompts need a model that takes positions from the mask; prompts of one length need nothing."""
-    seq, mask = input_ids, attention_mask.long()
-    finished = torch.zeros(seq.shape[0], dtype=torch.bool, device=seq.device)
+    model: the new tokens [B, max_new_tokens], `pad_token_id` after a row's first end token
+    (`end_rows`, TinyGPT's rule), each drawn by `next_token` from `generator`.
+
+    Left-padded prompts are placed by `positions_from_mask`, so a prompt's completion does not
+    depend on its batch-mates. With `use_cache` and a model whose forward takes `position_ids`
+    and a cache (`cache` or `past_key_values`, as Hugging Face models do), the prompt runs once
+    and each step feeds only the newest token; the cache is the model's own object, so each
+    architecture keeps its own layout. Otherwise the whole sequence runs again for every token.
+
+    Why not Hugging Face's `generate()`: it draws from torch's global RNG (no `generator=`, so
+    no per-rank stream to checkpoint), and it fills every option a call leaves unset from the
+    checkpoint's generation_config.json (top_p, repetition_penalty, a top_k of 50 by default):
+    the completions would come from another distribution than the softmax(logits /
+    temperature) whose log-probs GRPO trains on."""
+    B = input_ids.shape[0]
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+    cache_name = cache_argument(model) if use_cache and takes(model, "position_ids") else None
+    # only the last position's logits are needed: skip the prompt's [B, P, vocab] projection
+    keep_last = {"logits_to_keep": 1} if cache_name and takes(model, "logits_to_keep") else {}
+    seq, cache, tok = input_ids, None, None
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     out = []
     for _ in range(max_new_tokens):
-        logits = forward_logits(model, seq, mask)[:, -1, :]
-        tok = torch.where(finished, torch.full_like(finished, pad_token_id, dtype=torch.long),
-                          next_token(logits, do_sample, temperature, top_k, generator))
+        if cache_name is None:  # the whole sequence again
+            logits = forward_logits(model, seq, mask)[:, -1, :]
+        else:  # the prompt once, then only the newest token, placed after its row's real tokens
+            new = seq if cache is None else tok[:, None]
+            positions = positions_from_mask(mask)[:, -new.shape[1]:]
+            past = {} if cache is None else {cache_name: cache}
+            output = model(new, attention_mask=mask, position_ids=positions, use_cache=True,
+                           **past, **keep_last)
+            cache = getattr(output, cache_name)  # the output names it as the forward does
+            logits = logits_of(output)[:, -1, :]
+        tok, finished = end_rows(next_token(logits, do_sample, temperature, top_k, generator),
+                                 finished, eos_token_id, pad_token_id)
         out.append(tok)
-        if eos_token_id is not None:
-            finished |= tok == eos_token_id
-        seq, mask = torch.cat([seq, tok[:, None]], dim=1), torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        seq = torch.cat([seq, tok[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         if eos_token_id is not None and bool(finished.all()):
             break
-    tokens = torch.stack(out, dim=1)
-    return torch.cat([tokens, tokens.new_full((tokens.shape[0], max_new_tokens - tokens.shape[1]), pad_token_id)], 1)
+    return new_tokens(out, max_new_tokens, pad_token_id)
+
+
+def sampler_for(model):
+    """How to sample from `model`, chosen by what it offers: its own `generate()` when that
+    follows TinyGPT's contract (left-padded `input_ids, attention_mask` in, the new tokens
+    [B, max_new_tokens] out, drawn from `generator=`), else `sample()`. A Hugging Face
+    model's generate() has another contract (`inputs, generation_config, **kwargs`, tokens
+    from the global RNG, prompt included): its models sample through `sample()`."""
+    generate = getattr(model, "generate", None)
+    if callable(generate) and {"attention_mask", "max_new_tokens"} <= set(
+            inspect.signature(generate).parameters):
+        return generate
+    return functools.partial(sample, model)
 
 
 def completion_mask(completion_ids, eos_id):
@@ -73,7 +115,8 @@ def completion_mask(completion_ids, eos_id):
     is_eos = completion_ids == eos_id
     ended = is_eos.any(dim=1)
     L = completion_ids.shape[1]
-    first = torch.where(ended, is_eos.int().argmax(dim=1), torch.full_like(ended, L, dtype=torch.long))
+    first = torch.where(ended, is_eos.int().argmax(dim=1),
+                        torch.full_like(ended, L, dtype=torch.long))
     mask = torch.arange(L, device=completion_ids.device)[None, :] <= first[:, None]
     return mask, ended
 
@@ -120,36 +163,42 @@ def score(reward_fns, names, weights, prompts, completions, **batch):
 
 
 @torch.no_grad()
-def online_rollout(model, batch, tokenizer, reward_fns, names, weights, group_size, max_completion_length,
-                   temperature=1.0, top_k=None, generator=None):
+def online_rollout(model, batch, tokenizer, reward_fns, names, weights, group_size,
+                   max_completion_length, temperature=1.0, top_k=None, generator=None):
     """Sample `group_size` completions per prompt, mask, decode and score them."""
-    keys = ["prompt_input_ids"] + (["prompt_attention_mask"] if "prompt_attention_mask" in batch else [])
+    has_mask = "prompt_attention_mask" in batch
+    keys = ["prompt_input_ids"] + (["prompt_attention_mask"] if has_mask else [])
     check_batch(batch, keys, "GRPO online")
     prompt_ids = batch["prompt_input_ids"]
     prompt_mask = batch.get("prompt_attention_mask", torch.ones_like(prompt_ids))
+    if bool((prompt_mask[:, 1:] < prompt_mask[:, :-1]).any()):
+        raise ValueError("prompt_attention_mask has padding after a prompt's tokens; sampling "
+                         "continues from each row's last position, so prompts must be "
+                         "left-padded: set tokenizer.padding_side = 'left' (Hugging Face), or "
+                         "use reference.data.left_pad")
     B, P = prompt_ids.shape
     limit = context_length(model)
     if limit is not None and P + max_completion_length > limit:
         raise ValueError(f"prompt_input_ids has length {P}, and {P} + max_completion_length "
-                         f"{max_completion_length} exceeds the model's context of {limit} tokens; use "
-                         "shorter prompts, a smaller max_completion_length, or a larger block_size")
+                         f"{max_completion_length} exceeds the model's context of {limit} tokens; "
+                         "use shorter prompts, a smaller max_completion_length, or a model with a "
+                         "longer context (block_size, max_position_embeddings)")
     eos_id, pad_id = special_ids(tokenizer)
     ids = prompt_ids.repeat_interleave(group_size, dim=0)  # rows g*G .. g*G+G-1: prompt g's group
     mask = prompt_mask.repeat_interleave(group_size, dim=0)
     was_training = model.training
     model.eval()  # no dropout while sampling
-    # TinyGPT samples with its KV cache; any other causal LM (a Hugging Face one) through sample()
-    generate = model.generate if isinstance(model, TinyGPT) else functools.partial(sample, model)
     try:
-        completion_ids = generate(ids, mask, max_new_tokens=max_completion_length, temperature=temperature,
-                                  top_k=top_k, do_sample=True, eos_token_id=eos_id, pad_token_id=pad_id,
-                                  generator=generator)
+        completion_ids = sampler_for(model)(
+            ids, mask, max_new_tokens=max_completion_length, temperature=temperature, top_k=top_k,
+            do_sample=True, eos_token_id=eos_id, pad_token_id=pad_id, generator=generator)
     finally:
         model.train(was_training)
     keep, ended = completion_mask(completion_ids, eos_id)
     lengths = keep.sum(dim=1)
     text_lengths = lengths - ended.long()  # the text stops before the end token
-    completions = [tokenizer.decode(row[:n].tolist()) for row, n in zip(completion_ids, text_lengths.tolist())]
+    completions = [tokenizer.decode(row[:n].tolist())
+                   for row, n in zip(completion_ids, text_lengths.tolist())]
     prompts = batch.get("prompts") or [tokenizer.decode(row[m.bool()].tolist())
                                        for row, m in zip(prompt_ids, prompt_mask)]
     extras = {k: repeat_per_sample(v, B, group_size) for k, v in batch.items()
@@ -157,14 +206,15 @@ def online_rollout(model, batch, tokenizer, reward_fns, names, weights, group_si
     rewards, per_fn = score(reward_fns, names, weights, repeat_per_sample(list(prompts), B, group_size),
                             completions, ended=ended.tolist(), **extras)
     N = B * group_size
-    metrics = {f"rewards/{name}": (per_fn[:, i].sum(), N) for i, name in enumerate(names)}
+    metrics = {f"rewards/{name}/mean": (per_fn[:, i].sum(), N) for i, name in enumerate(names)}
     metrics["completions/mean_length"] = (lengths.sum().float(), N)
     metrics["completions/clipped_ratio"] = ((~ended).sum().float(), N)
     # logits at P-1+j predict completion token j; prompt positions are never trained
     trained = torch.cat([torch.zeros_like(mask[:, 1:], dtype=torch.bool), keep], dim=1)
     return {"input_ids": torch.cat([ids, completion_ids], dim=1),
             "attention_mask": torch.cat([mask, keep.long()], dim=1), "completion_mask": trained,
-            "completion_ids": completion_ids, "rewards": rewards.to(ids.device), "metrics": metrics}
+            "completion_ids": completion_ids, "rewards": rewards.to(ids.device),
+            "per_fn": per_fn.to(ids.device), "metrics": metrics}
 
 
 def offline_rollout(batch, group_size, max_completion_length=None):
@@ -197,18 +247,6 @@ def offline_rollout(batch, group_size, max_completion_length=None):
                          f"{max_completion_length}, the constant loss_type='dr_grpo' divides by; raise it")
     return {"input_ids": ids, "attention_mask": batch.get("attention_mask"), "completion_mask": trained,
             "rewards": rewards, "metrics": {"completions/mean_length": (lengths.sum().float(), B)}}
-
-
-def reward_metrics(rewards, group_size, batch_std=None):
-    """reward, reward_std and frac_reward_zero_std as (sum, n), TRL's way: reward_std is the
-    mean of the groups' stds, or the std of the whole batch when `batch_std` (scale_rewards=
-    "batch") is given."""
-    grouped = rewards.view(-1, group_size)
-    groups, N = grouped.shape[0], rewards.numel()
-    all_equal = (grouped == grouped[:, :1]).all(dim=1)
-    std = (grouped.std(dim=1).sum(), groups) if batch_std is None else (batch_std * N, N)
-    return {"reward": (rewards.sum(), N), "reward_std": std,
-            "frac_reward_zero_std": (all_equal.sum().float(), groups)}
 
 
 class RolledOut:
