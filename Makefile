@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench notebooks clean
+.PHONY: run test lint bench notebooks clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ test: $(STAMP)  ## its wall time goes to runs/make_test.json, which `make bench`
 	@start=$$(date +%s); $(PY) -m pytest -q --nbval tests tutorial; status=$$?; \
 	  mkdir -p runs; echo "{\"seconds\": $$(( $$(date +%s) - start )), \"exit_status\": $$status, \"date\": \"$$(date -u +%FT%TZ)\"}" > runs/make_test.json; \
 	  exit $$status
+
+lint: $(STAMP)  ## ruff: pyflakes, pycodestyle, lines of at most 100 characters
+	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)  ## measured ratios and chapter runs -> benchmarks/results.json (about 6 minutes)
 	$(PY) benchmarks/run.py

@@ -33,18 +33,32 @@ def check_dpo_options(beta, loss_type, label_smoothing):
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-             beta=0.1, loss_type="sigmoid", label_smoothing=0.0):
+             beta=0.1, loss_type="sigmoid", label_smoothing=0.0, chosen_tokens=None,
+             rejected_tokens=None):
     """Per-pair losses [B] and the implicit rewards beta * log(pi / pi_ref) of each side [B].
 
     logits = (log pi(chosen) - log pi(rejected)) - (log ref(chosen) - log ref(rejected)): how
     much more the policy prefers chosen than the reference did. The loss types follow TRL:
-      sigmoid: -log sigmoid(beta * logits), the DPO paper's loss; with label_smoothing = e it
-               is conservative DPO (cDPO), which assumes each label is flipped with probability e
-      ipo:     (logits - 1 / (2 * beta))**2, regresses the margin to a target instead of pushing
-               it to infinity
+      sigmoid: -log sigmoid(beta * logits), the DPO paper's loss. label_smoothing = e makes it
+               conservative DPO (cDPO, Mitchell 2023), which assumes each preference label is
+               flipped with probability e; current TRL no longer applies label_smoothing to
+               its sigmoid loss, so compare like with like
+      ipo:     (logits - 1 / (2 * beta))**2 (Azar et al., 2023), which regresses the margin to
+               a target instead of pushing it to infinity. As its authors and TRL define it,
+               each side's log-probs are averaged over its completion tokens first, so the loss
+               does not grow with the completions' length: pass chosen_tokens and
+               rejected_tokens [B]
       hinge:   relu(1 - beta * logits), the SLiC margin loss
     The rewards are detached: they are for logging, not for the gradient."""
     check_dpo_options(beta, loss_type, label_smoothing)
+    if loss_type == "ipo":
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError("loss_type='ipo' averages each side's log-probs over its completion "
+                             "tokens: pass chosen_tokens and rejected_tokens, one count per pair")
+        policy_chosen_logps, ref_chosen_logps = (x / chosen_tokens for x in
+                                                 (policy_chosen_logps, ref_chosen_logps))
+        policy_rejected_logps, ref_rejected_logps = (x / rejected_tokens for x in
+                                                     (policy_rejected_logps, ref_rejected_logps))
     logits = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
     if loss_type == "sigmoid":
         # logsigmoid, not log(sigmoid()): stays finite when beta * logits is +-1e4
@@ -134,22 +148,20 @@ def check_dpo_batch(batch):
 
 
 @torch.no_grad()
-def preference_accuracy(model, loader, device="cpu"):
+def preference_accuracy(model, loader, device="cpu", pad_token_id=0):
     """Fraction of pairs for which the model gives the chosen completion a strictly higher
-    log-prob than the rejected one: what DPO trains, measured without a reference model."""
+    log-prob than the rejected one: what DPO trains, measured without a reference model. Both
+    halves go through one forward pass (concat_pairs), as in training."""
     was_training = model.training
     model.eval()
     wins = total = 0
     try:
         for batch in loader:
-            logps = {}
-            for side in ("chosen", "rejected"):
-                ids = batch[f"{side}_input_ids"].to(device)
-                mask = batch.get(f"{side}_attention_mask")
-                logits = forward_logits(model, ids, None if mask is None else mask.to(device))
-                logps[side] = sequence_logps(logits, batch[f"{side}_labels"].to(device))
-            wins += int((logps["chosen"] > logps["rejected"]).sum())
-            total += logps["chosen"].numel()
+            batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
+            ids, labels, mask = concat_pairs(batch, pad_token_id)
+            chosen, rejected = sequence_logps(forward_logits(model, ids, mask), labels).chunk(2)
+            wins += int((chosen > rejected).sum())
+            total += chosen.numel()
     finally:
         model.train(was_training)
     if total == 0:
@@ -161,11 +173,17 @@ def preference_accuracy(model, loader, device="cpu"):
 # The trainer (a `Trainer` subclass: `count` = pairs, `compute_loss` = the functions above)
 # goes below this line.
 
+def completion_tokens(labels):
+    """How many completion tokens each row scores [B] (labels that are not -100, after the
+    shift that sequence_logps makes)."""
+    return (labels[:, 1:] != -100).sum(dim=1)
+
+
 def chosen_nll(chosen_logps, chosen_labels):
     """RPO's extra term (Pang et al., 2024; TRL's `rpo_alpha`): each chosen completion's negative
     log-likelihood per token [B]. DPO only asks that chosen beat rejected, and on pairs that
     differ in a token or two it gets there by lowering both; this keeps chosen's likelihood up."""
-    return -chosen_logps / (chosen_labels[:, 1:] != -100).sum(dim=1)
+    return -chosen_logps / completion_tokens(chosen_labels)
 
 
 class ReferenceLogps:
@@ -256,6 +274,10 @@ class DPOTrainer(Trainer):
         """Pairs: what the DPO loss is averaged over. Checks the batch on the way."""
         return torch.tensor(check_dpo_batch(batch))
 
+    def count_tokens(self, batch):
+        """The completion tokens of both halves: what a DPO step trains on."""
+        return sum((batch[f"{side}_labels"][:, 1:] != -100).sum() for side in ("chosen", "rejected"))
+
     def concatenated_forward(self, model, batch):
         """log p(chosen) and log p(rejected) `[B]` each, from one forward pass over both halves."""
         ids, labels, mask = concat_pairs(batch, self.pad_token_id)
@@ -283,9 +305,12 @@ class DPOTrainer(Trainer):
     def compute_loss(self, model, batch):
         chosen_logps, rejected_logps = self.concatenated_forward(model, batch)
         ref_chosen_logps, ref_rejected_logps = self.reference_logps(batch)
+        chosen_tokens, rejected_tokens = (completion_tokens(batch[f"{side}_labels"])
+                                          for side in ("chosen", "rejected"))
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=self.beta,
-            loss_type=self.loss_type, label_smoothing=self.label_smoothing)
+            loss_type=self.loss_type, label_smoothing=self.label_smoothing,
+            chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens)
         metrics = dpo_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps)
         if self.rpo_alpha is not None:
             nll = chosen_nll(chosen_logps, batch["chosen_labels"])

@@ -10,15 +10,16 @@ completion token, the end token included; 0 = after the end token, or padding); 
 rewards are one number per completion, `[B]`, grouped contiguously (rows g*G .. g*G+G-1 are the
 samples of prompt g).
 """
+import math
 import time
 import warnings
 
 import torch
 
-from .distributed import all_gather_object
-from .rollout import RolledOut, move, offline_rollout, online_rollout, reward_functions, reward_metrics
-from .runtime import autocast_context
+from .distributed import all_gather_object, all_reduce_sum
 from .logprobs import forward_logits, per_token_logps
+from .rollout import RolledOut, move, offline_rollout, online_rollout, reward_functions
+from .runtime import autocast_context
 from .trainer import Trainer
 
 SCALES = ("group", "batch", "none")
@@ -64,30 +65,39 @@ def k3_kl(logps, ref_logps):
     return torch.expm1(d) - d
 
 
+def grpo_loss_count(mask, loss_type="grpo", max_completion_length=None):
+    """What `grpo_loss`'s loss_sum is a sum over, for one batch: the divisor of its mean."""
+    if loss_type == "dapo":
+        return mask.sum()
+    units = {"grpo": mask.shape[0], "bnpo": 1}
+    if loss_type == "dr_grpo":
+        units["dr_grpo"] = mask.shape[0] * max_completion_length
+    return torch.tensor(units[loss_type], device=mask.device)
+
+
 def grpo_loss(logps, old_logps, ref_logps, advantages, mask, clip_eps=0.2, clip_eps_high=None,
-              beta=0.0, loss_type="grpo", max_completion_length=None, num_items=None):
-    """The clipped GRPO objective, negated, and its metrics: `(loss, metrics)`.
+              beta=0.0, loss_type="grpo", max_completion_length=None, entropy=None):
+    """The clipped GRPO objective, negated, as `(loss_sum, metrics)`: the loss summed over the
+    units that `grpo_loss_count` counts, so that a trainer can divide by a whole step's count
+    (the batch's own mean is loss_sum / grpo_loss_count(mask, loss_type, ...)).
 
     Per token: ratio = exp(logps - old_logps), objective = min(ratio * A, clip(ratio, 1 - clip_eps,
     1 + clip_eps_high) * A), loss = -objective + beta * k3_kl. old_logps and ref_logps are
     constants (detached). Tokens with mask 0 are replaced before any arithmetic, so whatever they
     hold never reaches the loss or its gradient.
 
-    How the token losses are averaged, as TRL's `loss_type`:
-      "grpo"    mean over each sequence's tokens, then mean over sequences (the paper; short
-                completions weigh more per token, a length bias)
-      "bnpo"    sum / number of tokens in this batch
-      "dr_grpo" sum / (B * max_completion_length), a constant (Dr. GRPO)
-      "dapo"    sum / number of tokens (TRL counts the whole accumulated, all-process batch)
-    `num_items`, if given, replaces the token count of "bnpo" and "dapo". A trainer that splits
-    a step into micro-batches passes the step's total token count, so the summed micro-batch
-    losses equal the full-batch loss; under DDP, whose all-reduce averages gradients over ranks,
-    pass total / world_size, as TRL does.
+    The units, as TRL's `loss_type`:
+      "grpo"    completions: each one's mean token loss (the paper; a short completion's tokens
+                weigh more, a length bias)
+      "dr_grpo" completions * max_completion_length: token losses summed (Dr. GRPO's constant)
+      "dapo"    tokens: token losses summed (TRL divides by the whole step's tokens)
+      "bnpo"    the batch: its token losses over its own tokens (a trainer that splits a step
+                averages micro-batch means, as TRL does)
 
-    Metrics (detached 0-d tensors, fractions of this batch's completion tokens, TRL's names):
+    Metrics are (sum, count) over this batch's completion tokens, with TRL's names:
     `clip_ratio/low_mean` (ratio < 1 - clip_eps with A < 0: the low clip removed the gradient),
     `clip_ratio/high_mean` (ratio > 1 + clip_eps_high with A > 0), `clip_ratio/region_mean`
-    (either), and `kl` (mean k3) when beta > 0."""
+    (either), `kl` (k3) when beta > 0, and `entropy` when the per-token `entropy` is given."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if loss_type == "dr_grpo" and (max_completion_length is None or max_completion_length < 1):
@@ -100,9 +110,8 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, clip_eps=0.2, clip_
                          "ref_logps; pass the reference model's log-probs, or set beta=0")
     clip_eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     if clip_eps < 0 or clip_eps_high < 0:
-        raise ValueError(f"clip_eps and clip_eps_high must be >= 0, got {clip_eps} and {clip_eps_high}")
-    if num_items is not None and num_items <= 0:
-        raise ValueError(f"num_items must be > 0 (the token count to divide by), got {num_items}")
+        raise ValueError(f"clip_eps and clip_eps_high must be >= 0, got {clip_eps} and "
+                         f"{clip_eps_high}")
     named = {"old_logps": old_logps, "mask": mask}
     if beta > 0:
         named["ref_logps"] = ref_logps
@@ -110,7 +119,8 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, clip_eps=0.2, clip_
         raise ValueError(f"logps must be [B, L] over completion tokens, got {tuple(logps.shape)}")
     for name, t in named.items():
         if t.shape != logps.shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {tuple(logps.shape)} like logps")
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {tuple(logps.shape)} "
+                             "like logps")
     if advantages.shape != logps.shape[:1]:
         raise ValueError(f"advantages must be one number per completion, [{logps.shape[0]}]; "
                          f"got {tuple(advantages.shape)}")
@@ -129,23 +139,45 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, clip_eps=0.2, clip_
         per_token_loss = per_token_loss + beta * kl
     per_token_loss = torch.where(mask, per_token_loss, zero)
 
-    tokens = mask.sum().clamp(min=1).to(logps.dtype)
     if loss_type == "grpo":
-        loss = (per_token_loss.sum(-1) / mask.sum(-1).clamp(min=1)).mean()
-    elif loss_type == "dr_grpo":
-        loss = per_token_loss.sum() / (logps.shape[0] * max_completion_length)
-    else:  # bnpo, dapo
-        loss = per_token_loss.sum() / (tokens if num_items is None else num_items)
+        loss_sum = (per_token_loss.sum(-1) / mask.sum(-1).clamp(min=1)).sum()
+    elif loss_type == "bnpo":
+        loss_sum = per_token_loss.sum() / mask.sum().clamp(min=1)
+    else:  # dr_grpo, dapo: the token losses summed; the divisor is grpo_loss_count's
+        loss_sum = per_token_loss.sum()
 
     with torch.no_grad():
-        low = (ratio < 1 - clip_eps) & (A < 0) & mask
-        high = (ratio > 1 + clip_eps_high) & (A > 0) & mask
-        metrics = {"clip_ratio/low_mean": low.sum() / tokens,
-                   "clip_ratio/high_mean": high.sum() / tokens,
-                   "clip_ratio/region_mean": (low | high).sum() / tokens}
+        tokens = mask.sum()
+        low = ((ratio < 1 - clip_eps) & (A < 0) & mask).sum()
+        high = ((ratio > 1 + clip_eps_high) & (A > 0) & mask).sum()
+        metrics = {"clip_ratio/low_mean": (low, tokens), "clip_ratio/high_mean": (high, tokens),
+                   "clip_ratio/region_mean": (low + high, tokens)}  # the two never overlap
         if beta > 0:
-            metrics["kl"] = torch.where(mask, kl, zero).sum() / tokens
-    return loss, metrics
+            metrics["kl"] = (torch.where(mask, kl, zero).sum(), tokens)
+        if entropy is not None:
+            metrics["entropy"] = (torch.where(mask, entropy, zero).sum(), tokens)
+    return loss_sum, metrics
+
+
+def reward_metrics(rewards, group_size, batch_std=None):
+    """reward, reward_std and frac_reward_zero_std as (sum, n), TRL's way: reward_std is the
+    mean of the groups' stds, or the std of the whole batch when `batch_std` (scale_rewards=
+    "batch") is given."""
+    grouped = rewards.view(-1, group_size)
+    groups, N = grouped.shape[0], rewards.numel()
+    all_equal = (grouped == grouped[:, :1]).all(dim=1)
+    std = (grouped.std(dim=1).sum(), groups) if batch_std is None else (batch_std * N, N)
+    return {"reward": (rewards.sum(), N), "reward_std": std,
+            "frac_reward_zero_std": (all_equal.sum(), groups)}
+
+
+def global_std(column):
+    """The unbiased std of a 1-D tensor spread over every rank: from one all-reduce of its sum,
+    sum of squares and count, in float64."""
+    stats = all_reduce_sum(torch.stack([column.sum(), column.square().sum(),
+                                        torch.tensor(len(column))]).double())
+    total, squares, n = stats.tolist()
+    return math.sqrt(max(0.0, squares - total * total / n) / (n - 1))
 
 
 # --- GRPOTrainer ------------------------------------------------------------------------------
@@ -205,37 +237,50 @@ class GRPOTrainer(Trainer):
         if generation_seed is not None:  # one stream per rank, or every rank samples the same tokens
             self.generator = torch.Generator(self.device).manual_seed(generation_seed + self.dist.rank)
         self.rollouts, self.rollout_uses, self.generation_seconds = None, 0, 0.0
+        self.num_tokens = 0  # prompt + completion tokens generated, every rank's
         self._rank_states = None  # every rank's sampling state, gathered at each checkpoint
         if self.val_loader is not None:
             self.val_loader = RolledOut(self.val_loader, self)
 
     # --- rollouts -----------------------------------------------------------------------------
     def step_batches(self, batches):
-        """The step's micro-batches: freshly rolled out every num_iterations steps, else reused."""
-        start = time.perf_counter()
+        """The step's micro-batches: freshly rolled out every num_iterations steps, else reused.
+        The time spent sampling adds up in generation_seconds (the benchmark reads it)."""
         if self.rollouts is None or self.rollout_uses == self.num_iterations:
-            self.rollouts, self.rollout_uses = self.roll_out([next(batches) for _ in range(self.grad_accum_steps)]), 0
+            start = time.perf_counter()
+            micro = [next(batches) for _ in range(self.grad_accum_steps)]
+            self.rollouts, self.rollout_uses = self.roll_out(micro), 0
+            self.generation_seconds += time.perf_counter() - start
         self.rollout_uses += 1
-        self.generation_seconds = time.perf_counter() - start
         return self.rollouts
 
     def roll_out(self, batches):
         with torch.no_grad(), autocast_context(self.device, self.amp_dtype):
             rollouts = [self.roll_out_one(b) for b in batches]
         local = torch.cat([r["rewards"] for r in rollouts])
-        if self.scale_rewards == "batch":  # the std of every rank's rewards, as TRL: gather them all
+        G = self.num_samples_per_prompt
+        if self.scale_rewards == "batch":  # the std of every rank's rewards, as TRL: gather them
             everyone = [r.to(local.device) for r in all_gather_object(local.cpu())]
             start = sum(len(r) for r in everyone[:self.dist.rank])
             everyone = torch.cat(everyone)
-            advantages = group_advantages(everyone, self.num_samples_per_prompt, self.scale_rewards)[start:start + len(local)]
-            batch_std = everyone.std()
-        else:  # a group never spans ranks, so each rank's advantages are its own: no communication
-            advantages, batch_std = group_advantages(local, self.num_samples_per_prompt, self.scale_rewards), None
+            advantages = group_advantages(everyone, G, self.scale_rewards)[start:start + len(local)]
+            std = everyone.std()
+        else:  # a group never spans ranks, so each rank's advantages are its own
+            advantages, std = group_advantages(local, G, self.scale_rewards), None
+        # TRL's figures over the whole batch, every rank's: each reward function's std, and the
+        # tokens generated so far; the same on every rank, logged once per step as (value, 1)
+        first = rollouts[0]["metrics"]
+        for i, name in enumerate(self.reward_names if "per_fn" in rollouts[0] else []):
+            column = torch.cat([r["per_fn"][:, i] for r in rollouts])
+            first[f"rewards/{name}/std"] = (torch.tensor(global_std(column)), 1)
+        tokens = sum(r["input_ids"].numel() if r["attention_mask"] is None
+                     else r["attention_mask"].sum() for r in rollouts)
+        self.num_tokens += int(all_reduce_sum(torch.as_tensor(tokens).double()))
         for r, A in zip(rollouts, advantages.split([len(r["rewards"]) for r in rollouts])):
             r["advantages"] = A
-            r["metrics"].update(reward_metrics(r["rewards"], self.num_samples_per_prompt, batch_std))
+            r["metrics"].update(reward_metrics(r["rewards"], G, std))
             with torch.no_grad(), autocast_context(self.device, self.amp_dtype):
-                # pi_old is needed only when a rollout is reused; on its first use ratio = 1 exactly
+                # pi_old is needed only when a rollout is reused; on its first use ratio = 1
                 r["old_logps"] = self.logps(self.raw_model, r) if self.num_iterations > 1 else None
                 r["ref_logps"] = self.logps(self.ref_model, r) if self.beta > 0 else None
         return rollouts
@@ -257,35 +302,31 @@ class GRPOTrainer(Trainer):
         raise ValueError(f"GRPO batch has neither 'prompt_input_ids' (online) nor 'input_ids' (offline); it has "
                          f"{sorted(batch)}")
 
-    def logps(self, model, rollout):
+    def logps(self, model, rollout, with_entropy=False):
         logits = forward_logits(model, rollout["input_ids"], rollout["attention_mask"])
-        return per_token_logps(logits, rollout["input_ids"], self.temperature)
+        return per_token_logps(logits, rollout["input_ids"], self.temperature, with_entropy)
 
     # --- the loss -----------------------------------------------------------------------------
     def count(self, batch):
-        mask = batch["completion_mask"]
-        units = {"grpo": mask.shape[0], "dr_grpo": mask.shape[0] * self.max_completion_length, "bnpo": 1}
-        return mask.sum() if self.loss_type == "dapo" else torch.tensor(units[self.loss_type])
+        return grpo_loss_count(batch["completion_mask"], self.loss_type,
+                               self.max_completion_length)
+
+    def count_tokens(self, batch):
+        return batch["completion_mask"].sum()
 
     def compute_loss(self, model, batch):
-        logps = self.logps(model, batch)
-        old, mask = batch["old_logps"], batch["completion_mask"]
-        loss, metrics = grpo_loss(
-            logps, logps.detach() if old is None else old, batch["ref_logps"], batch["advantages"], mask,
-            clip_eps=self.clip_eps, clip_eps_high=self.clip_eps_high, beta=self.beta, loss_type=self.loss_type,
-            max_completion_length=self.max_completion_length, num_items=1 if self.loss_type == "dapo" else None)
-        N = mask.shape[0]  # undo grpo_loss's local mean; the trainer divides by the global count
-        loss_sum = loss * {"grpo": N, "dr_grpo": N * self.max_completion_length}.get(self.loss_type, 1)
-        tokens = mask.sum()
-        out = {name: (value * tokens, tokens) for name, value in metrics.items()}
-        out.update(batch["metrics"])
-        return loss_sum, out
+        logps, entropy = self.logps(model, batch, with_entropy=True)
+        old = batch["old_logps"]
+        loss_sum, metrics = grpo_loss(
+            logps, logps.detach() if old is None else old, batch["ref_logps"], batch["advantages"],
+            batch["completion_mask"], clip_eps=self.clip_eps, clip_eps_high=self.clip_eps_high,
+            beta=self.beta, loss_type=self.loss_type,
+            max_completion_length=self.max_completion_length, entropy=entropy)
+        return loss_sum, {**metrics, **batch["metrics"]}
 
     def training_step(self, micro):
-        start = time.perf_counter()
         record = super().training_step(micro)
-        step_seconds = self.generation_seconds + time.perf_counter() - start
-        record["generation_fraction"] = self.generation_seconds / step_seconds  # this rank's
+        record["num_tokens"] = self.num_tokens  # prompt + completion tokens generated so far
         return record
 
     # --- checkpoints: the cached rollouts and the sampling stream, for an exact resume ---------
@@ -298,6 +339,7 @@ class GRPOTrainer(Trainer):
     def state_dict(self):
         state = super().state_dict()
         state["grpo"] = self._rank_states
+        state["num_tokens"] = self.num_tokens
         return state
 
     def load_state_dict(self, state, source="checkpoint"):
@@ -306,5 +348,6 @@ class GRPOTrainer(Trainer):
             mine = state["grpo"][self.dist.rank]
             if self.generator is not None and mine["generator"] is not None:
                 self.generator.set_state(mine["generator"])
-            self.rollouts, self.rollout_uses = move(mine["rollouts"], self.device), mine["rollout_uses"]
-
+            self.rollouts = move(mine["rollouts"], self.device)
+            self.rollout_uses = mine["rollout_uses"]
+        self.num_tokens = state.get("num_tokens", 0)

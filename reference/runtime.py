@@ -31,7 +31,16 @@ def resolve_amp_dtype(device, use_amp=False, amp_dtype=None):
     """The autocast dtype, or None for full fp32.
 
     use_amp=True means bf16 where the device supports it, else fp16 (CUDA without bf16).
-    amp_dtype ("bf16", "fp16" or a torch dtype) chooses explicitly and implies use_amp."""
+    amp_dtype ("bf16", "fp16" or a torch dtype) chooses explicitly and implies use_amp; "auto"
+    is the chapters' default: bf16 on CUDA (fp16 without bf16), fp32 elsewhere, because CPUs
+    without bf16 instructions run autocast several times slower than fp32."""
+    if amp_dtype == "off":
+        return None
+    if amp_dtype == "auto":
+        if device.type != "cuda":
+            return None
+        amp_dtype = None
+        use_amp = True
     if amp_dtype is None and not use_amp:
         return None
     if amp_dtype is None:

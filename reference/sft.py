@@ -3,9 +3,13 @@
 Batch: `input_ids [B, T]`, `labels [B, T]` (same positions as input_ids, -100 = not trained;
 the loss shifts them), optional `attention_mask [B, T]`.
 """
+import math
+
+import torch
 import torch.nn.functional as F
 
 from .logprobs import check_batch, forward_logits
+from .runtime import autocast_context
 from .trainer import Trainer
 
 
@@ -20,6 +24,27 @@ def sft_loss_sum(logits, labels):
     return loss_sum, (targets != -100).sum()
 
 
+@torch.no_grad()
+def heldout_loss(model, loader, device, amp_dtype=None):
+    """The mean SFT loss over every target token of a held-out loader (model in eval mode)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in loader:
+        ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+        mask = batch.get("attention_mask")
+        with autocast_context(device, amp_dtype):
+            loss_sum, n = sft_loss_sum(forward_logits(model, ids, None if mask is None
+                                                      else mask.to(device)), labels)
+        total, count = total + loss_sum.item(), count + n.item()
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("the held-out loader has no target tokens (every label is -100)")
+    if not math.isfinite(total / count):
+        raise FloatingPointError(f"the held-out loss is {total / count}; lower the learning rate")
+    return total / count
+
+
 class SFTTrainer(Trainer):
     """Supervised fine-tuning: the mean loss over every target token of the step."""
 
@@ -29,5 +54,7 @@ class SFTTrainer(Trainer):
 
     def compute_loss(self, model, batch):
         logits = forward_logits(model, batch["input_ids"], batch.get("attention_mask"))
-        loss_sum, _ = sft_loss_sum(logits, batch["labels"])
-        return loss_sum, {}
+        loss_sum, n = sft_loss_sum(logits, batch["labels"])
+        # TRL's mean_token_accuracy: the target tokens whose argmax is right (-100 never is)
+        right = (logits[:, :-1].argmax(dim=-1) == batch["labels"][:, 1:]).sum()
+        return loss_sum, {"mean_token_accuracy": (right, n)}

@@ -5,6 +5,8 @@ metrics.jsonl (01); autocast, gradient accumulation with global token normalizat
 clipping (02); DDP, checkpoints and exact resume (03). A method (SFT, DPO, GRPO) subclasses it
 and supplies only `compute_loss` and `count` - its loss and what the loss is averaged over.
 """
+import difflib
+import math
 import os
 import time
 import warnings
@@ -15,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
+from . import rundir
 from .distributed import all_gather_object, all_reduce_sum, barrier, init_distributed
 from .runtime import autocast_context, make_grad_scaler, resolve_amp_dtype, resolve_device
 from .metrics import MetricsLog
@@ -28,19 +31,23 @@ class Trainer:
     divides by the count over every micro-batch and rank, so the step's loss is the same mean
     however the batch is split."""
 
-    def __init__(self, model, optimizer, train_loader, val_loader=None, device="auto", max_epochs=1,
-                 max_steps=None, grad_accum_steps=1, use_amp=False, amp_dtype=None, max_grad_norm=1.0,
-                 scheduler=None, eval_every=None, eval_fn=None, out_dir=None, checkpoint_dir=None,
-                 save_every=None, keep_last=None, resume_from=None, progress=True):
+    def __init__(self, model, optimizer, train_loader, val_loader=None, device="auto",
+                 max_epochs=1, max_steps=None, grad_accum_steps=1, use_amp=False, amp_dtype=None,
+                 max_grad_norm=1.0, scheduler=None, eval_every=None, eval_fn=None, out_dir=None,
+                 checkpoint_dir=None, save_every=None, keep_last=None, resume_from=None,
+                 progress=True, stop_fn=None, step_callback=None):
         if grad_accum_steps is None or int(grad_accum_steps) < 1:
             raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
         if max_grad_norm is not None and max_grad_norm <= 0:
-            raise ValueError(f"max_grad_norm must be > 0 (or None to turn clipping off), got {max_grad_norm}")
+            raise ValueError("max_grad_norm must be > 0 (or None to turn clipping off), "
+                             f"got {max_grad_norm}")
         if save_every is not None and save_every < 1:
             raise ValueError(f"save_every must be >= 1 (or None to never save), got {save_every}")
         if len(train_loader) == 0:
-            raise ValueError("train_loader yields no batches: the dataset is empty, or smaller than "
-                             "the batch size with drop_last=True")
+            raise ValueError("train_loader yields no batches: the dataset is empty, or smaller "
+                             "than the batch size with drop_last=True")
+        check_reliability_options(val_loader, out_dir, checkpoint_dir, save_every, keep_last,
+                                  resume_from)
         self.device = resolve_device(device)
         self.dist = init_distributed(self.device)
         if self.dist.enabled and self.device.type == "cuda":
@@ -55,13 +62,15 @@ class Trainer:
             raise ValueError(f"max_steps must be >= 1, got {max_steps}")
         self.max_steps = int(max_steps)
         self.raw_model = model.to(self.device)
+        self.vocab_size = vocab_size_of(self.raw_model)
         self.model = self.raw_model
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DDP(self.raw_model, device_ids=ids)
-            if not isinstance(getattr(train_loader, "sampler", None), torch.utils.data.DistributedSampler):
-                warnings.warn("training under DDP, but train_loader has no DistributedSampler: every "
-                              "rank will see the same batches. Build the loader with "
+            sampler = getattr(train_loader, "sampler", None)
+            if not isinstance(sampler, torch.utils.data.DistributedSampler):
+                warnings.warn("training under DDP, but train_loader has no DistributedSampler: "
+                              "every rank will see the same batches. Build the loader with "
                               "sampler=DistributedSampler(dataset)", stacklevel=2)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.train_loader, self.val_loader = train_loader, val_loader
@@ -70,10 +79,15 @@ class Trainer:
         self.max_grad_norm = max_grad_norm
         self.eval_every, self.eval_fn = eval_every, eval_fn
         self.out_dir = out_dir
-        self.checkpoint_dir = checkpoint_dir or (os.path.join(out_dir, "checkpoints") if out_dir else None)
+        self.checkpoint_dir = checkpoint_dir or (
+            os.path.join(out_dir, "checkpoints") if out_dir else None)
         self.save_every, self.keep_last, self.resume_from = save_every, keep_last, resume_from
         self.progress = progress
+        # stop_fn(eval_record) -> True ends the run early, at that evaluation (saved as such);
+        # step_callback(trainer) runs at the end of every step (the chapters' --crash-at-step)
+        self.stop_fn, self.step_callback, self.stopped = stop_fn, step_callback, False
         self.step = self.epoch = self.batch_in_epoch = self.skipped_steps = 0
+        self.skips_in_a_row = self.nonfinite_losses_in_a_row = 0  # the finiteness guard's counts
         self._pending_rng = None
         self._epoch_generator_state = None  # the shuffling generator's state when this epoch began
         self.history = []
@@ -85,24 +99,57 @@ class Trainer:
     def compute_loss(self, model, batch):
         raise NotImplementedError
 
+    def count_tokens(self, batch) -> torch.Tensor:
+        """The tokens a batch trains, logged as `tokens`; by default what `count` counts."""
+        return self.count(batch)
+
     # --- the loop -------------------------------------------------------------------------
     def train(self):
+        """Train to max_steps; returns the records logged. The writing process (rank 0) holds
+        the output folders for the whole run: one run per folder (see reference.rundir)."""
+        folders = self.run_folders() if self.dist.is_main else []
+        with rundir.locked(*folders):
+            if self.dist.is_main:  # under the lock: no live run is writing them
+                rundir.remove_stale_temporaries(self.out_dir, self.checkpoint_dir)
+            return self.train_loop()
+
+    def run_folders(self):
+        """The folders this run writes: out_dir, and checkpoint_dir when it lies outside it."""
+        folders = [self.out_dir] if self.out_dir else []
+        inside = self.out_dir and is_inside(self.checkpoint_dir or self.out_dir, self.out_dir)
+        if self.checkpoint_dir and not inside:
+            folders.append(self.checkpoint_dir)
+        return folders
+
+    def train_loop(self):
         resumed = self.maybe_resume()
+        if resumed is not None and (self.step >= self.max_steps or self.stopped):
+            if self.dist.is_main:  # a finished run, resumed: its log and checkpoints stand as is
+                print(f"the run is already finished: its checkpoint is at step {self.step} of "
+                      f"max_steps={self.max_steps}{' (stopped early)' * self.stopped}; nothing "
+                      "left to train")
+            self.train_seconds = 0.0
+            return self.history
         log = MetricsLog(self.out_dir, self.dist.is_main, truncate_after=resumed)
         batches = self.micro_batches()
         bar = tqdm(total=self.max_steps, initial=self.step, desc="train",
                    disable=None if (self.progress and self.dist.is_main) else True)
         start = time.perf_counter()
         try:
-            while self.step < self.max_steps:
+            while self.step < self.max_steps and not self.stopped:
                 record = self.training_step(self.step_batches(batches))
                 self.record(log, record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
-                if self.eval_every and (self.step % self.eval_every == 0 or self.step == self.max_steps):
-                    self.record(log, self.evaluate())
-                if self.save_every and (self.step % self.save_every == 0 or self.step == self.max_steps):
+                last = self.step == self.max_steps
+                if self.eval_every and (self.step % self.eval_every == 0 or last):
+                    eval_record = self.evaluate()
+                    self.record(log, eval_record)
+                    self.stopped = bool(self.stop_fn is not None and self.stop_fn(eval_record))
+                if self.save_every and (self.step % self.save_every == 0 or last or self.stopped):
                     self.save_checkpoint()
+                if self.step_callback is not None:
+                    self.step_callback(self)
         finally:
             bar.close()
             log.close()
@@ -116,7 +163,7 @@ class Trainer:
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(self.epoch)
             generator = getattr(self.train_loader, "generator", None)
-            if generator is not None:  # a shuffling loader: remember where this epoch's order came from
+            if generator is not None:  # a shuffling loader: remember where this epoch's order began
                 if self.batch_in_epoch == 0 or self._epoch_generator_state is None:
                     self._epoch_generator_state = generator.get_state()
                 generator.set_state(self._epoch_generator_state)
@@ -139,11 +186,14 @@ class Trainer:
         return [next(batches) for _ in range(self.grad_accum_steps)]
 
     def to_device(self, batch):
+        check_token_ids(batch, self.vocab_size)  # on the loader's CPU tensors: no device sync
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def training_step(self, micro):
         """One optimizer step over `grad_accum_steps` micro-batches."""
-        count = all_reduce_sum(sum(self.count(b).to(self.device, torch.float32) for b in micro))
+        counts = all_reduce_sum(sum(torch.stack([torch.as_tensor(self.count(b)), torch.as_tensor(
+            self.count_tokens(b))]).to(self.device, torch.float32) for b in micro))
+        count, tokens = counts[0], counts[1]
         if count.item() == 0:
             raise ValueError(f"step {self.step + 1}: no target tokens in the batch (every label is "
                              "-100?); check the collator's labels")
@@ -159,18 +209,17 @@ class Trainer:
             loss_sum += part.detach().float()
             for name, (s, n) in metrics.items():
                 total = sums.setdefault(name, torch.zeros(2, device=self.device))
-                total += torch.stack([torch.as_tensor(s, dtype=torch.float32, device=self.device).detach(),
-                                      torch.as_tensor(n, dtype=torch.float32, device=self.device)])
+                total += torch.stack([
+                    torch.as_tensor(s, dtype=torch.float32, device=self.device).detach(),
+                    torch.as_tensor(n, dtype=torch.float32, device=self.device)])
         loss = all_reduce_sum(loss_sum) / count
-        if not torch.isfinite(loss) and not self.scaler.is_enabled():
-            raise FloatingPointError(f"loss is {loss.item()} at step {self.step + 1}; lower the "
-                                     "learning rate or turn on gradient clipping")
         self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the loss-scaled ones
         params = [p for p in self.raw_model.parameters() if p.grad is not None]
         if self.max_grad_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        self.check_finite(loss, grad_norm)  # before the step: nothing non-finite is applied
         lr = self.optimizer.param_groups[0]["lr"]
         scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
@@ -182,11 +231,45 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         record = {"step": self.step, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
-                  "tokens": int(count.item()), "skipped_steps": self.skipped_steps}
+                  "tokens": int(tokens.item()), "loss_count": int(count.item())}
+        if self.scaler.is_enabled():  # only fp16's GradScaler ever skips a step
+            record["skipped_steps"] = self.skipped_steps
         for name, total in sums.items():
             s, n = all_reduce_sum(total).tolist()
             record[name] = s / n if n else 0.0
         return record
+
+    max_nonfinite_steps = 10  # fp16: this many skipped steps (or NaN losses) in a row end a run
+
+    def check_finite(self, loss, grad_norm):
+        """The finiteness guard, called before every optimizer step. In fp32 and bf16 a
+        non-finite loss or gradient norm stops the run before the step is taken, so no
+        checkpoint ever holds it. With fp16's GradScaler an inf/NaN gradient is routine (the
+        scaler skips that step and lowers its scale); a run that never recovers is not."""
+        loss_ok, grad_ok = bool(torch.isfinite(loss)), bool(torch.isfinite(grad_norm))
+        step, fixes = self.step + 1, ("lower the learning rate (lr, --lr), turn on or tighten "
+                                      "gradient clipping (max_grad_norm, --max-grad-norm), and "
+                                      "check the data for bad values")
+        if not self.scaler.is_enabled():
+            if not loss_ok:
+                raise FloatingPointError(f"loss is {loss.item()} at step {step}: {fixes}. The step "
+                                         "was not taken; the checkpoints on disk are finite")
+            if not grad_ok:
+                raise FloatingPointError(
+                    f"gradient norm is {grad_norm.item()} at step {step} although the loss, "
+                    f"{loss.item():.6g}, is finite: {fixes}. The step was not taken; the "
+                    "checkpoints on disk are finite")
+            return
+        self.skips_in_a_row = 0 if grad_ok else self.skips_in_a_row + 1
+        self.nonfinite_losses_in_a_row = 0 if loss_ok else self.nonfinite_losses_in_a_row + 1
+        k = self.max_nonfinite_steps
+        if self.skips_in_a_row >= k or self.nonfinite_losses_in_a_row >= k:
+            what = ("had inf/NaN gradients, so the GradScaler skipped every one"
+                    if self.skips_in_a_row >= k else "had a non-finite loss")
+            raise FloatingPointError(
+                f"the last {k} steps (to step {step}) all {what}, down to a loss scale of "
+                f"{self.scaler.get_scale():g}: fp16 training is not recovering. To fix it, "
+                f"{fixes}, or train in bf16 or fp32 (amp_dtype='bf16', or --amp bf16 or off)")
 
     @torch.no_grad()
     def evaluate(self):
@@ -202,7 +285,16 @@ class Trainer:
                 with autocast_context(self.device, self.amp_dtype):
                     part, _ = self.compute_loss(model, batch)
                 loss_sum, count = loss_sum + part.item(), count + self.count(batch).item()
+            if count == 0:
+                raise ValueError("the evaluation has nothing to average its loss over: val_loader "
+                                 "gave no batches, or every label is -100 (no target tokens). "
+                                 "Check the evaluation set, or pass val_loader=None")
             record["loss"] = loss_sum / count
+            if not math.isfinite(record["loss"]):
+                raise FloatingPointError(
+                    f"eval loss is {record['loss']} at step {self.step}: the weights or the "
+                    "evaluation data hold inf/NaN values. Lower the learning rate (lr, --lr), "
+                    "turn on gradient clipping (max_grad_norm), and check the evaluation data")
         if self.eval_fn is not None:
             record.update(self.eval_fn(model))
         model.train(was_training)
@@ -219,16 +311,39 @@ class Trainer:
                 "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
                 "batch_in_epoch": self.batch_in_epoch, "skipped_steps": self.skipped_steps,
                 "epoch_generator_state": self._epoch_generator_state,
-                "world_size": self.dist.world_size}
+                "world_size": self.dist.world_size, "stopped": self.stopped,
+                "nonfinite_in_a_row": [self.skips_in_a_row, self.nonfinite_losses_in_a_row]}
+
+    # what a resume needs from a checkpoint: one that lacks any is passed over, with a warning
+    checkpoint_keys = ("model", "optimizer", "scheduler", "scaler", "step", "epoch",
+                       "batch_in_epoch", "skipped_steps", "epoch_generator_state", "world_size",
+                       "rng")
 
     def save_checkpoint(self):
         """Rank 0 writes; every rank's RNG state goes in, so each rank resumes its own stream."""
+        self.check_state_finite()  # on every rank: the weights are the same on each
         rngs = all_gather_object(ckpt.rng_state())
         if self.dist.is_main:
             state = self.state_dict()
             state["rng"] = rngs
             ckpt.save_checkpoint(self.checkpoint_dir, self.step, state, self.keep_last)
         barrier()
+
+    def check_state_finite(self):
+        """Nothing non-finite goes into a checkpoint: every resume from it would fail again."""
+        tensors = [(f"model weight {name!r}", t) for name, t in self.raw_model.state_dict().items()]
+        tensors += [("the optimizer state", t) for per_param in self.optimizer.state.values()
+                    for t in per_param.values() if torch.is_tensor(t)]
+        bad = sorted({what for what, t in tensors
+                      if t.is_floating_point() and not torch.isfinite(t).all()})
+        if bad:
+            newest = (ckpt.list_checkpoints(self.checkpoint_dir) or ["none"])[-1]
+            more = " and more" if len(bad) > 3 else ""
+            raise FloatingPointError(
+                f"after step {self.step}, {', '.join(bad[:3])}{more} hold inf/NaN values, so the "
+                f"checkpoint was not written (the newest on disk, {newest}, is finite). Lower "
+                "the learning rate (lr, --lr), turn on gradient clipping (max_grad_norm, "
+                "--max-grad-norm), and check the data")
 
     def load_state_dict(self, state, source="checkpoint"):
         if state["world_size"] != self.dist.world_size:
@@ -240,7 +355,8 @@ class Trainer:
         try:
             self.raw_model.load_state_dict(state["model"])
         except RuntimeError as err:
-            raise ValueError(f"{source} does not fit this model (a different model size?): {err}") from None
+            raise ValueError(f"{source} does not fit this model (a different model size?): "
+                             f"{err}") from None
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
@@ -249,25 +365,97 @@ class Trainer:
         self.batch_in_epoch, self.skipped_steps = state["batch_in_epoch"], state["skipped_steps"]
         if state["epoch_generator_state"] is not None:
             self._epoch_generator_state = state["epoch_generator_state"]
+        self.stopped = state.get("stopped", False)
+        in_a_row = state.get("nonfinite_in_a_row", (0, 0))  # absent from older checkpoints
+        self.skips_in_a_row, self.nonfinite_losses_in_a_row = in_a_row
         self._pending_rng = state["rng"][self.dist.rank]  # applied when the data resumes
 
     def maybe_resume(self):
         """Load `resume_from` ("latest", a path, or None). Returns the step resumed at, or None."""
         if self.resume_from is None:
             if self.dist.is_main and self.save_every and ckpt.list_checkpoints(self.checkpoint_dir):
-                raise ValueError(f"{self.checkpoint_dir} already holds checkpoints of an earlier run, which "
-                                 "keep_last pruning and a later resume would mix with this one's; pass "
-                                 "resume_from='latest' to continue that run, or use an empty checkpoint_dir")
+                raise ValueError(f"{self.checkpoint_dir} already holds checkpoints of an earlier "
+                                 "run, which keep_last pruning and a later resume would mix with "
+                                 "this one's; pass resume_from='latest' to continue that run, or "
+                                 "use an empty checkpoint_dir")
             return None
         if self.resume_from == "latest":
-            path, state = ckpt.load_latest(self.checkpoint_dir)
+            path, state = ckpt.load_latest(self.checkpoint_dir, required_keys=self.checkpoint_keys)
             if state is None:
                 if self.dist.is_main:
                     print(f"no checkpoint in {self.checkpoint_dir}; starting fresh")
                 return None
         else:
-            path, state = self.resume_from, ckpt.load_state(self.resume_from)
+            path = self.resume_from
+            if not os.path.exists(path):
+                typo = difflib.get_close_matches(str(path), ["latest"], n=1, cutoff=0.6)
+                hint = f" Did you mean resume_from={typo[0]!r}?" if typo else ""
+                raise ValueError(
+                    f"resume_from={path!r} is not a checkpoint: no such file or folder.{hint} "
+                    f"Pass 'latest' for the newest usable checkpoint in {self.checkpoint_dir} "
+                    "(--resume), or the path of a step_XXXXXX folder or its state.pt")
+            state = ckpt.load_state(path, required_keys=self.checkpoint_keys)
         self.load_state_dict(state, source=f"checkpoint {path}")
+        rundir.fault_point("resume")  # crash tests: killed right after a resume starts
+        barrier()  # every rank has read its checkpoint before rank 0 removes any
         if self.dist.is_main:
+            for newer in ckpt.remove_checkpoints_after(self.checkpoint_dir, self.step):
+                print(f"removed {newer}: it is newer than the step this run resumes from")
             print(f"resumed from {path} at step {self.step}")
         return self.step
+
+
+def check_reliability_options(val_loader, out_dir, checkpoint_dir, save_every, keep_last,
+                              resume_from):
+    """The options whose mistakes would otherwise surface deep inside a run, or never."""
+    ckpt.check_keep_last(keep_last)
+    if save_every and not (out_dir or checkpoint_dir):
+        raise ValueError(f"save_every={save_every} needs a folder to write checkpoints to: pass "
+                         "out_dir (they go to out_dir/checkpoints) or checkpoint_dir, or "
+                         "save_every=None")
+    if resume_from == "latest" and not (out_dir or checkpoint_dir):
+        raise ValueError("resume_from='latest' needs the folder to look in: pass the earlier run's "
+                         "out_dir (or checkpoint_dir), or resume_from=<path of a checkpoint>")
+    if val_loader is not None and hasattr(val_loader, "__len__") and len(val_loader) == 0:
+        raise ValueError("val_loader yields no batches (an empty evaluation set?): pass a "
+                         "non-empty one, or val_loader=None to skip the eval loss")
+
+
+def vocab_size_of(model):
+    """How many token ids the model embeds (its input embedding's rows, else config.vocab_size),
+    or None when it does not say."""
+    try:
+        embedding = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        embedding = getattr(model, "wte", None)
+    if isinstance(embedding, torch.nn.Embedding):
+        return embedding.num_embeddings
+    return getattr(getattr(model, "config", None), "vocab_size", None)
+
+
+def check_token_ids(batch, vocab_size):
+    """Token ids and labels outside the vocabulary fail with an IndexError deep inside torch (a
+    device-side assert on CUDA); name the key and the fix instead."""
+    if vocab_size is None or not isinstance(batch, dict):
+        return
+    for key, t in batch.items():
+        is_ids = key == "input_ids" or key.endswith("_input_ids")
+        is_labels = key == "labels" or key.endswith("_labels")
+        if not (is_ids or is_labels) or not torch.is_tensor(t) or t.is_floating_point() \
+                or t.numel() == 0:
+            continue
+        valid = t < vocab_size
+        valid &= ((t >= 0) | (t == -100)) if is_labels else (t >= 0)
+        if not bool(valid.all()):
+            bad = t[~valid][0].item()
+            ignored = "; -100 marks a position that is not trained" if is_labels else ""
+            raise ValueError(
+                f"batch {key!r} holds the token id {bad}, outside the model's vocabulary of "
+                f"{vocab_size} ids (0 to {vocab_size - 1}){ignored}. The tokenizer and the model "
+                "disagree: build the model with the tokenizer's vocab_size, or fix the "
+                "collator's ids")
+
+
+def is_inside(path, folder):
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder

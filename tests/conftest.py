@@ -32,6 +32,16 @@ def chapter():
     return load_chapter
 
 
+def assert_identical_runs(a, b, phases=("",)):
+    """Every record of each phase's metrics.jsonl (train and eval) equal bit for bit, as the
+    strict reference.compare sees them: every step and key on both sides, tolerance 0."""
+    from reference.compare import diff_files, format_report
+    for phase in phases:
+        report = diff_files(os.path.join(a, phase, "metrics.jsonl"),
+                            os.path.join(b, phase, "metrics.jsonl"))
+        assert report.identical, format_report(report)
+
+
 # A tiny config that every chapter accepts: seconds, not minutes.
 TINY = ["--max-steps", "30", "--batch-size", "32", "--eval-every", "10", "--eval-size", "100",
         "--n-embd", "32", "--n-layer", "1", "--seed", "0", "--device", "cpu"]

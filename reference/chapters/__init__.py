@@ -2,6 +2,7 @@
 flags as `tutorial/NN/train.py`, so the two runs can be compared number for number.
 
 `python -m reference NN [flags]` calls `run(NN, argv)`."""
+from .. import rundir
 from ..distributed import teardown
 from .common import get_args, run_sft
 from .dpo import run_dpo
@@ -22,6 +23,7 @@ def run(chapter, argv=None):
         else:
             summary = run_sft(chapter, args)
     except BaseException:
+        rundir.unlock_under(args.out)  # an in-process run that failed lets go of its folders
         teardown(barrier=False)
         raise
     teardown()

@@ -1,9 +1,10 @@
 """What every chapter's experiment shares: its flags, the SFT loaders and phase, the model, the
 output folder's fresh start and summary.json."""
-import argparse
 import json
+import math
 import os
 import shutil
+import signal
 import time
 from types import SimpleNamespace
 
@@ -11,96 +12,36 @@ import torch
 from torch.utils.data.distributed import DistributedSampler
 
 from ..data import CharTokenizer, SFTCollator, SFTDataset, exact_match, make_addition_splits
+from .. import rundir
 from ..distributed import torchrun_env
+from ..metrics import METRICS_FILE, read_metrics
 from ..model import GPTConfig, TinyGPT
 from ..optimizer import configure_optimizer, warmup_cosine_scheduler
-from ..runtime import resolve_device
-from ..sft import SFTTrainer
+from ..runtime import resolve_amp_dtype, resolve_device
+from ..sft import SFTTrainer, heldout_loss
+from .flags import get_args  # noqa: F401 - the chapters' flags, re-exported
 
-DPO_LOSSES, GRPO_LOSSES = ("sigmoid", "ipo", "hinge"), ("grpo", "bnpo", "dr_grpo", "dapo")
-
-
-def get_args(chapter, argv=None):
-    """The flags of tutorial/<chapter>/train.py, with the same names and defaults."""
-    p = argparse.ArgumentParser(prog=f"python -m reference {chapter}",
-                                description=f"Chapter {chapter}'s experiment with the reference trainers.")
-    p.add_argument("--out", default=f"runs/reference_{chapter}")
-    p.add_argument("--max-steps", type=int, default={"04": 150, "05": None}.get(chapter, 800))  # 05: by --method
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--batch-size", type=int, default=64 if chapter >= "04" else 256)
-    if chapter >= "02":
-        p.add_argument("--grad-accum-steps", type=int, default=1)
-        p.add_argument("--amp", default="bf16", choices=["off", "bf16", "fp16"])
-        p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--warmup-steps", type=int, default=30)
-    p.add_argument("--digits", type=int, default=2)
-    p.add_argument("--eval-size", type=int, default=500)
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--n-layer", type=int, default=2)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=64)
-    if chapter >= "03":
-        p.add_argument("--save-every", type=int, default=200)
-        p.add_argument("--keep-last", type=int, default=2)
-        p.add_argument("--resume", action="store_true")
-    if chapter >= "04":  # --max-steps is the DPO (or GRPO) phase's; SFT first trains --sft-steps to a weak start
-        p.add_argument("--sft-steps", type=int, default=600)
-        p.add_argument("--beta", type=float, default=None if chapter >= "05" else 0.1)  # 05: by --method
-        p.add_argument("--dpo-lr", type=float, default=2e-3)
-        p.add_argument("--dpo-warmup-steps", type=int, default=10)
-        p.add_argument("--loss-type", default=None if chapter >= "05" else "sigmoid",
-                       choices=DPO_LOSSES + (GRPO_LOSSES if chapter >= "05" else ()))
-        p.add_argument("--label-smoothing", type=float, default=0.0)
-        p.add_argument("--rpo-alpha", type=float, default=1.0)
-        p.add_argument("--precompute-ref-logps", action="store_true")
-    if chapter >= "05":  # the phase after SFT is GRPO (default) or chapter 04's DPO
-        p.add_argument("--method", default="grpo", choices=["grpo", "dpo"])
-        p.add_argument("--num-samples-per-prompt", type=int, default=8)
-        p.add_argument("--clip-eps", type=float, default=0.2)
-        p.add_argument("--num-iterations", type=int, default=1)
-        p.add_argument("--temperature", type=float, default=1.0)
-        p.add_argument("--top-k", type=int, default=None)
-        p.add_argument("--max-completion-length", type=int, default=None)
-        p.add_argument("--grpo-lr", type=float, default=1e-3)
-        p.add_argument("--grpo-warmup-steps", type=int, default=10)
-        p.add_argument("--format-reward-weight", type=float, default=0.0)
-    args = p.parse_args(argv)
-    if chapter >= "05":  # DPO's beta is 0.1; GRPO's KL weight is 0 (no reference model)
-        if args.max_steps is None:
-            args.max_steps = 150 if args.method == "dpo" else 800
-        if args.beta is None:
-            args.beta = 0.1 if args.method == "dpo" else 0.0
-        if args.loss_type is None:
-            args.loss_type = "sigmoid" if args.method == "dpo" else "grpo"
-        if (args.loss_type in DPO_LOSSES) != (args.method == "dpo"):
-            p.error(f"--loss-type {args.loss_type} is not a --method {args.method} loss")
-    for name in ("max_steps", "batch_size", "eval_every", "eval_size", "grad_accum_steps", "save_every",
-                 "keep_last", "sft_steps"):
-        if getattr(args, name, 1) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if getattr(args, "max_grad_norm", 1.0) <= 0:
-        p.error("--max-grad-norm must be > 0")
-    if getattr(args, "method", "dpo") == "dpo" and (getattr(args, "beta", 1.0) <= 0 or getattr(args, "dpo_lr", 1.0) <= 0):
-        p.error("--beta and --dpo-lr must be > 0")
-    if not 0 <= getattr(args, "label_smoothing", 0.0) < 0.5:
-        p.error("--label-smoothing must be in [0, 0.5)")
-    if getattr(args, "rpo_alpha", 0.0) < 0:
-        p.error("--rpo-alpha must be >= 0")
-    return args  # GRPOTrainer checks the GRPO values itself (G >= 2, beta >= 0, ...)
-
-
-def trainer_options(args):
-    """The Trainer arguments that a chapter's flags stand for; earlier chapters lack the flags."""
-    amp = getattr(args, "amp", "off")
+def trainer_options(args, crash=True):
+    """The Trainer arguments that a chapter's flags stand for; earlier chapters lack the flags.
+    crash=False leaves out --crash-at-step (the first phase of chapters 04 and 05)."""
     return {"grad_accum_steps": getattr(args, "grad_accum_steps", 1),
-            "amp_dtype": None if amp == "off" else amp,
+            "amp_dtype": getattr(args, "amp", "off"),
             "max_grad_norm": getattr(args, "max_grad_norm", None),
             "save_every": getattr(args, "save_every", None),
             "keep_last": getattr(args, "keep_last", None),
-            "resume_from": "latest" if getattr(args, "resume", False) else None}
+            "resume_from": "latest" if getattr(args, "resume", False) else None,
+            "step_callback": crash_at(getattr(args, "crash_at_step", None) if crash else None)}
+
+
+def crash_at(step):
+    """The chapters' --crash-at-step, a fault demo: after that step (and its checkpoint, if any)
+    the last rank SIGKILLs itself, on the first attempt only, so a torchrun restart goes on."""
+    def crash(trainer):
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        if trainer.step == step and first_attempt and \
+                trainer.dist.rank == trainer.dist.world_size - 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # a hard crash: no cleanup, no goodbye
+    return None if step is None else crash
 
 
 def sft_loaders(args, tok, train_problems, eval_problems, chapter):
@@ -130,26 +71,37 @@ def sharded_loader(dataset, batch_size, collate, seed):
 
 
 def weak_start(args, chapter):
-    """Phase 1 of chapters 04 and 05: SFT for --sft-steps steps, in DIR/sft, to a deliberately weak
-    model (with --resume, a finished phase only loads its end). Both phases' folders start fresh
-    first, and the random draws come in the chapter scripts' order. Returns what phase 2 needs."""
+    """Phase 1 of chapters 04 and 05: SFT in DIR/sft to a deliberately weak model, stopped at the
+    first evaluation whose held-out exact match reaches --sft-target (with --resume, a finished
+    phase only loads its end). Both phases' folders start fresh first, and the random draws come
+    in the chapter scripts' order. Returns what phase 2 needs, its evaluation included."""
     start_fresh(args, os.path.join(args.out, "sft"), args.out)
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     tok = CharTokenizer()
-    train_problems, eval_problems = make_addition_splits(args.digits, args.eval_size, seed=args.seed)
+    train_problems, eval_problems = make_addition_splits(args.digits, args.eval_size,
+                                                         seed=args.seed)
     train_loader, val_loader = sft_loaders(args, tok, train_problems, eval_problems, chapter)
     model = build_model(args, tok, device)
-    optimizer = configure_optimizer(model=model, optimizer_type="adamw", lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = configure_optimizer(model=model, optimizer_type="adamw", lr=args.lr,
+                                    weight_decay=args.weight_decay)
+    options = trainer_options(args, crash=False)  # --crash-at-step counts phase 2's steps
+
+    def evaluate(m):  # held-out SFT loss and exact match: how phase 2 is judged too
+        return {"loss": heldout_loss(m, val_loader, device, resolve_amp_dtype(
+                    device, amp_dtype=options["amp_dtype"])),
+                "accuracy": exact_match(m, eval_problems, tok, device=device)}
+
     sft = SFTTrainer(
-        model=model, optimizer=optimizer, train_loader=train_loader, val_loader=val_loader, device=device,
-        max_steps=args.sft_steps, scheduler=warmup_cosine_scheduler(optimizer, args.warmup_steps, args.sft_steps),
-        eval_every=args.eval_every, out_dir=os.path.join(args.out, "sft"),
-        eval_fn=lambda m: {"accuracy": exact_match(m, eval_problems, tok, device=device)}, **trainer_options(args))
+        model=model, optimizer=optimizer, train_loader=train_loader, device=device,
+        max_steps=args.sft_steps, eval_every=args.eval_every, out_dir=os.path.join(args.out, "sft"),
+        scheduler=warmup_cosine_scheduler(optimizer, args.warmup_steps, args.sft_steps),
+        eval_fn=evaluate, stop_fn=lambda record: record["accuracy"] >= args.sft_target, **options)
     start = time.perf_counter()
     sft.train()
-    return SimpleNamespace(sft=sft, model=model, tok=tok, device=device, train_problems=train_problems,
-                           eval_problems=eval_problems, seconds=time.perf_counter() - start)
+    return SimpleNamespace(sft=sft, model=model, tok=tok, device=device, evaluate=evaluate,
+                           train_problems=train_problems, eval_problems=eval_problems,
+                           seconds=time.perf_counter() - start)
 
 
 def build_model(args, tok, device):
@@ -159,13 +111,28 @@ def build_model(args, tok, device):
 
 
 def start_fresh(args, *outs):
-    """Like the chapter scripts: a run without --resume replaces an earlier run's checkpoints, in
-    each of `outs` (default: --out; a two-phase chapter passes both of its phases' folders)."""
+    """Take each of `outs` (default: --out; a two-phase chapter passes both of its phases'
+    folders) for this run, and clear what earlier runs left there. Rank 0, the writer, locks
+    each folder until write_summary (or the end of the process): a second run on it fails at
+    once, naming this one's PID, instead of deleting its files. Under the lock, the half-written
+    `.tmp_*` leftovers of killed runs go; then, like the chapter scripts, a run without --resume
+    replaces an earlier run's checkpoints."""
+    if not torchrun_env().is_main:
+        return
     for out in outs or (args.out,):
+        rundir.lock_out_dir(out)
         path = os.path.join(out, "checkpoints")
-        if not getattr(args, "resume", False) and torchrun_env().is_main and os.path.isdir(path):
+        rundir.remove_stale_temporaries(out, path)
+        if not getattr(args, "resume", False) and os.path.isdir(path):
             print(f"starting fresh: removing the previous run's checkpoints in {path}")
-            shutil.rmtree(path)
+            # renamed first, in one atomic step: a kill part-way leaves no half-deleted checkpoint
+            # that a later --resume could pick up (the next start removes the .tmp_ folder)
+            doomed = os.path.join(out, f"{rundir.TMP_PREFIX}removed_checkpoints_{os.getpid()}")
+            os.replace(path, doomed)
+            shutil.rmtree(doomed)
+        summary = os.path.join(out, "summary.json")
+        if not getattr(args, "resume", False) and os.path.exists(summary):
+            os.remove(summary)  # the replaced run's: a resume of this one must not report it
 
 
 def run_sft(chapter, args):
@@ -188,21 +155,51 @@ def run_sft(chapter, args):
     return write_summary(args, trainer, history, time.perf_counter() - start)
 
 
-def write_summary(args, trainer, history, train_seconds, **extra):
-    """summary.json from the last train and eval records (rank 0 only)."""
+def write_summary(args, trainer, history, train_seconds, from_eval=None, **extra):
+    """summary.json from the last train and eval records (rank 0 only), written whole (a
+    temporary file renamed into place); then the run lets go of its folders (start_fresh).
+    from_eval maps summary keys to keys of the last eval record; extra adds the rest.
+
+    A resume of a finished run trains nothing: the earlier summary.json stands, or, when a kill
+    came between the final checkpoint and this write, it is rebuilt from metrics.jsonl."""
     if not trainer.dist.is_main:
         return None
-    path = os.path.join(args.out, "summary.json")
-    train = [r for r in history if "split" not in r]
-    evals = [r for r in history if r.get("split") == "eval"]
-    if not train:  # resumed from the final checkpoint: the earlier run's summary stands
-        with open(path) as f:
-            return json.load(f)
-    summary = {"eval_accuracy": evals[-1]["accuracy"], "eval_loss": evals[-1]["loss"],
-               "final_loss": train[-1]["loss"], "steps": trainer.step, "train_seconds": train_seconds,
-               "parameters": trainer.raw_model.num_parameters(), **extra}
-    with open(path, "w") as f:
-        json.dump(summary, f, indent=2)
-    print(f"held-out exact match {summary['eval_accuracy']:.3f} after {trainer.step} steps; "
-          f"wrote {args.out}/metrics.jsonl and summary.json")
-    return summary
+    try:
+        rundir.fault_point("summary")  # crash tests: after the final checkpoint, before this
+        path = os.path.join(args.out, "summary.json")
+        train = [r for r in history if "split" not in r]
+        evals = [r for r in history if r.get("split") == "eval"]
+        rebuilt = not train
+        if rebuilt:  # resumed from the final checkpoint
+            if os.path.exists(path):
+                with open(path) as f:
+                    earlier = json.load(f)
+                if earlier.get("steps") == trainer.step:
+                    return earlier
+            log = os.path.join(args.out, METRICS_FILE)
+            if not os.path.exists(log):
+                raise FileNotFoundError(
+                    f"the run in {args.out} is finished but has neither summary.json nor "
+                    f"{METRICS_FILE} to rebuild it from; run again without --resume")
+            train, evals = read_metrics(log, "train"), read_metrics(log, "eval")
+            print(f"the run had finished before summary.json was written: rebuilding it from {log}")
+        if not math.isfinite(train[-1]["loss"]):
+            raise FloatingPointError(
+                f"the final loss is {train[-1]['loss']} (step {train[-1]['step']}), not a result: "
+                "lower the learning rate (--lr) or use --amp bf16 or off, and run again")
+        last_eval = evals[-1] if evals else {}
+        summary = {"eval_accuracy": last_eval.get("accuracy"), "eval_loss": last_eval.get("loss"),
+                   "final_loss": train[-1]["loss"], "steps": trainer.step,
+                   "train_seconds": train_seconds,
+                   "parameters": trainer.raw_model.num_parameters(),
+                   **{key: last_eval.get(name) for key, name in (from_eval or {}).items()},
+                   **extra}
+        if rebuilt:  # this process trained nothing: its seconds are not the run's
+            summary["rebuilt_from_metrics"] = True
+        rundir.atomic_write(path, json.dumps(summary, indent=2))
+        accuracy = summary["eval_accuracy"]
+        print(f"held-out exact match {accuracy if accuracy is None else format(accuracy, '.3f')} "
+              f"after {trainer.step} steps; wrote {args.out}/metrics.jsonl and summary.json")
+        return summary
+    finally:
+        rundir.unlock_under(args.out)

@@ -53,8 +53,6 @@ def test_bad_flags_are_clear_errors(capsys, argv, message):
 
 def test_fp16_where_unsupported_is_a_clear_error():
     meta = torch.device("meta")  # a device without fp16 autocast
-    with pytest.raises(ValueError, match="fp16"):
-        load_chapter("02").amp_dtype_for("fp16", meta)
     with pytest.raises(ValueError, match="autocast"):
         resolve_amp_dtype(meta, amp_dtype="fp16")
 
@@ -69,5 +67,5 @@ def test_nan_loss_in_fp32_names_the_step(tmp_path, monkeypatch):
         return (loss_sum * float("nan") if len(calls) == 3 else loss_sum), n
 
     monkeypatch.setattr(ch, "sft_loss_sum", nan_at_step_3)
-    with pytest.raises(FloatingPointError, match="at step 3"):
+    with pytest.raises(FloatingPointError, match="step 3: the gradient norm is nan"):
         ch.main(TINY + ["--amp", "off", "--eval-every", "100", "--out", str(tmp_path)])

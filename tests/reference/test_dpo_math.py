@@ -86,8 +86,9 @@ def test_metrics_are_sums_with_the_pair_count():
 def test_loss_and_gradient_are_finite_at_extreme_margins(loss_type, label_smoothing):
     policy_chosen = torch.tensor([1e4, -1e4], requires_grad=True)
     zeros = torch.zeros(2)
+    ones = torch.ones(2, dtype=torch.long)
     losses, _, _ = dpo_loss(policy_chosen, zeros, zeros, zeros, beta=1.0, loss_type=loss_type,
-                            label_smoothing=label_smoothing)
+                            label_smoothing=label_smoothing, chosen_tokens=ones, rejected_tokens=ones)
     losses.sum().backward()
     assert torch.isfinite(losses).all() and torch.isfinite(policy_chosen.grad).all()
     if loss_type == "sigmoid" and label_smoothing == 0:
@@ -101,16 +102,29 @@ def test_cdpo_matches_its_formula(eps):
     assert losses.tolist() == pytest.approx([sigmoid_loss(0.5 * d, eps) for d in delta], rel=1e-5)
 
 
-def test_ipo_and_hinge_match_their_formulas():
+def test_hinge_matches_its_formula():
     # logits = (-1 - -3) - (-2 - -2) = 2 for the first pair, (-1 - -21) - 0 = 20 for the second
     pc, pr = torch.tensor([-1.0, -1.0]), torch.tensor([-3.0, -21.0])
     rc, rr = torch.tensor([-2.0, -2.0]), torch.tensor([-2.0, -2.0])
-    ipo, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="ipo")
-    assert ipo.tolist() == pytest.approx([(2 - 5) ** 2, (20 - 5) ** 2])
-    ipo_at_target, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.25, loss_type="ipo")  # 1/(2*0.25) = 2
-    assert ipo_at_target[0].item() == pytest.approx(0.0)
     hinge, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="hinge")
     assert hinge.tolist() == pytest.approx([1 - 0.1 * 2, 0.0])
+
+
+def test_ipo_averages_each_side_over_its_tokens():
+    """IPO as its authors and TRL define it: each side's log-ratio is a per-token mean, so
+    completions of unequal length (here 2 and 5 tokens) weigh the same. The old summed form,
+    ((-1 - -3) - (-2 - -5) - 5)^2 = 36 for the first pair, fails this."""
+    pc, pr = torch.tensor([-1.0, -4.0]), torch.tensor([-3.0, -10.0])
+    rc, rr = torch.tensor([-2.0, -2.0]), torch.tensor([-5.0, -5.0])
+    nc, nr = torch.tensor([2, 4]), torch.tensor([5, 1])
+    ipo, chosen_rewards, _ = dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="ipo",
+                                      chosen_tokens=nc, rejected_tokens=nr)
+    logits = (pc / nc - pr / nr) - (rc / nc - rr / nr)
+    assert ipo.tolist() == pytest.approx(((logits - 1 / (2 * 0.1)) ** 2).tolist())
+    assert ipo[0].item() == pytest.approx((0.5 - 0.4 - 5) ** 2)  # by hand: 24.01, not 36
+    assert chosen_rewards.tolist() == pytest.approx((0.1 * (pc - rc) / nc).tolist())
+    with pytest.raises(ValueError, match="pass chosen_tokens and rejected_tokens"):
+        dpo_loss(pc, pr, rc, rr, loss_type="ipo")
 
 
 @pytest.mark.parametrize("beta", [0.0, -0.1])

@@ -183,7 +183,8 @@ def test_public_signature_trains_and_logs_trl_metrics():
                          device="cpu", max_epochs=3)  # one batch, three times: its margins must grow
     history = trainer.train()
     assert [r["step"] for r in history] == [1, 2, 3]
-    assert all(set(METRICS) <= set(r) and r["tokens"] == 8 for r in history)  # "tokens" counts pairs here
+    # loss_count counts pairs (the divisor), tokens both completions' tokens
+    assert all(set(METRICS) <= set(r) and r["loss_count"] == 8 < r["tokens"] for r in history)
     assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)        # policy == reference
     assert history[0]["rewards/margins"] == 0.0 and history[0]["rewards/accuracies"] == 0.0  # ties don't win
     assert history[-1]["rewards/margins"] > 0 and history[-1]["loss"] < math.log(2)
@@ -199,7 +200,7 @@ def test_accumulation_matches_full_batch():
         runs.append((trainer.train(), trainer.raw_model.state_dict()))
     (full, full_params), (accumulated, accumulated_params) = runs
     for a, b in zip(full, accumulated):
-        assert a["tokens"] == b["tokens"] == 8
+        assert a["loss_count"] == b["loss_count"] == 8 and a["tokens"] == b["tokens"]
         for key in ("loss", "grad_norm") + METRICS:
             assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-6), (a["step"], key)
     for name, p in full_params.items():

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reference.grpo import LOSS_TYPES, group_advantages, grpo_loss, k3_kl
+from reference.grpo import LOSS_TYPES, group_advantages, grpo_loss, grpo_loss_count, k3_kl
 from reference.logprobs import per_token_logps
 from reference.rewards import check_rewards, correctness_reward, format_reward
 
@@ -59,7 +59,7 @@ def test_all_equal_group_has_exactly_zero_advantage_and_gradient(scale):
     noise = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
     old = logps.detach() + 0.01 * noise  # ratio != 1 but inside the clip range, so every token has a gradient
     mask = torch.ones(6, 4, dtype=torch.bool)
-    loss, _ = grpo_loss(logps, old, None, A, mask, beta=0.0)
+    loss, _ = mean_loss(logps, old, None, A, mask, beta=0.0)
     loss.backward()
     assert torch.equal(logps.grad[:3], torch.zeros(3, 4))
     assert (logps.grad[3:] != 0).all()
@@ -89,11 +89,18 @@ def test_k3_is_nonnegative_and_zero_with_zero_gradient_at_equality():
     assert k3_kl(torch.tensor(0.0), torch.tensor(1.0)).item() == pytest.approx(math.e - 2, rel=1e-6)
 
 
+def mean_loss(logps, old, ref, A, mask, **kw):
+    """grpo_loss as a batch mean (loss_sum / grpo_loss_count), its metrics as means."""
+    loss_sum, metrics = grpo_loss(logps, old, ref, A, mask, **kw)
+    count = grpo_loss_count(mask, kw.get("loss_type", "grpo"), kw.get("max_completion_length"))
+    return loss_sum / count, {k: s / n for k, (s, n) in metrics.items()}
+
+
 # --- ratio and clipping -----------------------------------------------------------------------
 def test_on_policy_ratio_is_one_and_nothing_is_clipped():
     logps, _, _, mask = random_batch()
     A = torch.tensor([1.0, -2.0, 0.5, -0.5])
-    loss, metrics = grpo_loss(logps, logps.detach(), None, A, mask, loss_type="dapo")
+    loss, metrics = mean_loss(logps, logps.detach(), None, A, mask, loss_type="dapo")
     assert all(metrics[k].item() == 0 for k in ("clip_ratio/low_mean", "clip_ratio/high_mean",
                                                "clip_ratio/region_mean"))
     loss.backward()
@@ -104,7 +111,7 @@ def test_on_policy_ratio_is_one_and_nothing_is_clipped():
     assert torch.allclose(logps.grad, expected, rtol=1e-6, atol=0)
     # old_logps is a constant: passing the live logps must not cancel the gradient
     logps.grad = None
-    grpo_loss(logps, logps, None, A, mask, loss_type="dapo")[0].backward()
+    mean_loss(logps, logps, None, A, mask, loss_type="dapo")[0].backward()
     assert torch.allclose(logps.grad, expected, rtol=1e-6, atol=0)
 
 
@@ -120,7 +127,7 @@ def clip_case():
 
 def test_clipped_tokens_get_zero_gradient_and_are_counted():
     logps, old, A, mask = clip_case()
-    loss, metrics = grpo_loss(logps, old, None, A, mask, clip_eps=0.2, loss_type="dapo")
+    loss, metrics = mean_loss(logps, old, None, A, mask, clip_eps=0.2, loss_type="dapo")
     loss.backward()
     clipped = torch.tensor([[1, 0, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
     assert torch.equal(logps.grad[clipped | (mask == 0)], torch.zeros(3))
@@ -132,7 +139,7 @@ def test_clipped_tokens_get_zero_gradient_and_are_counted():
 
 def test_clip_eps_high_widens_only_the_upper_bound():
     logps, old, A, mask = clip_case()
-    loss, metrics = grpo_loss(logps, old, None, A, mask, clip_eps=0.2, clip_eps_high=0.6, loss_type="dapo")
+    loss, metrics = mean_loss(logps, old, None, A, mask, clip_eps=0.2, clip_eps_high=0.6, loss_type="dapo")
     loss.backward()
     assert metrics["clip_ratio/high_mean"].item() == 0          # 1.5 < 1.6: no longer clipped
     assert metrics["clip_ratio/low_mean"].item() == pytest.approx(1 / 7)
@@ -168,7 +175,7 @@ def test_each_loss_type_matches_its_formula():
                 "dr_grpo": total / (B * max_len),
                 "dapo": total / n_tokens}
     for loss_type in LOSS_TYPES:
-        loss, metrics = grpo_loss(logps, old, ref, A, mask, beta=0.1, loss_type=loss_type,
+        loss, metrics = mean_loss(logps, old, ref, A, mask, beta=0.1, loss_type=loss_type,
                                   max_completion_length=max_len)
         assert loss.item() == pytest.approx(expected[loss_type], rel=1e-5), loss_type
     kl = [math.exp(r - p) - (r - p) - 1 for pr, rr, mr in zip(logps.tolist(), ref.tolist(), mask.tolist())
@@ -177,32 +184,34 @@ def test_each_loss_type_matches_its_formula():
 
 
 def test_dapo_with_global_count_does_not_depend_on_the_micro_batch_split():
+    """loss_sum over the step's token count: split into micro-batches of unequal lengths, the
+    sum of their loss_sums / the same global count is the full batch's loss, and gradient."""
     logps, old, ref, mask = random_batch(B=4, L=5)
     A = torch.tensor([1.5, -0.7, 0.3, -1.2])
-    n = mask.sum().item()
-    full, _ = grpo_loss(logps, old, ref, A, mask, beta=0.05, loss_type="dapo", num_items=n)
-    full.backward()
+    n = mask.sum()
+    full, _ = grpo_loss(logps, old, ref, A, mask, beta=0.05, loss_type="dapo")
+    (full / n).backward()
     full_grad, logps.grad = logps.grad.clone(), None
-    halves = [grpo_loss(logps[s], old[s], ref[s], A[s], mask[s], beta=0.05, loss_type="dapo", num_items=n)[0]
+    halves = [grpo_loss(logps[s], old[s], ref[s], A[s], mask[s], beta=0.05, loss_type="dapo")[0] / n
               for s in (slice(0, 1), slice(1, 4))]  # unequal splits: 5 tokens, then 9
     sum(halves).backward()
-    assert sum(halves).item() == pytest.approx(full.item(), rel=1e-6)
+    assert sum(halves).item() == pytest.approx((full / n).item(), rel=1e-6)
     assert torch.allclose(logps.grad, full_grad, rtol=1e-6, atol=1e-9)
-    # without the global count each half is its own mean, and their sum is not the full loss
-    local = sum(grpo_loss(logps[s], old[s], ref[s], A[s], mask[s], beta=0.05, loss_type="dapo")[0]
+    # each half's own mean, summed, is not the full loss
+    local = sum(mean_loss(logps[s], old[s], ref[s], A[s], mask[s], beta=0.05, loss_type="dapo")[0]
                 for s in (slice(0, 1), slice(1, 4)))
-    assert local.item() != pytest.approx(full.item(), rel=1e-3)
+    assert local.item() != pytest.approx((full / n).item(), rel=1e-3)
 
 
 def test_grpo_and_dapo_differ_on_unequal_lengths_only():
     logps, old, ref, mask = random_batch(B=4, L=5)
     A = torch.tensor([1.5, -0.7, 0.3, -1.2])
-    grpo, _ = grpo_loss(logps, old, None, A, mask, loss_type="grpo")
-    dapo, _ = grpo_loss(logps, old, None, A, mask, loss_type="dapo")
+    grpo, _ = mean_loss(logps, old, None, A, mask, loss_type="grpo")
+    dapo, _ = mean_loss(logps, old, None, A, mask, loss_type="dapo")
     assert grpo.item() != pytest.approx(dapo.item(), rel=1e-3)
     full = torch.ones_like(mask)
-    grpo, _ = grpo_loss(logps, old, None, A, full, loss_type="grpo")
-    dapo, _ = grpo_loss(logps, old, None, A, full, loss_type="dapo")
+    grpo, _ = mean_loss(logps, old, None, A, full, loss_type="grpo")
+    dapo, _ = mean_loss(logps, old, None, A, full, loss_type="dapo")
     assert grpo.item() == pytest.approx(dapo.item(), rel=1e-6)
 
 
@@ -219,7 +228,7 @@ def test_masked_logits_do_not_change_the_loss_or_its_gradient():
     def loss_and_grad(logits, old, ref):
         logits = logits.clone().requires_grad_()
         logps = per_token_logps(logits, input_ids)[:, P - 1:]  # logits at P-1+j predict completion token j
-        loss, _ = grpo_loss(logps, old, ref, A, mask, beta=0.1, loss_type="grpo")
+        loss, _ = mean_loss(logps, old, ref, A, mask, beta=0.1, loss_type="grpo")
         loss.backward()
         return loss, logits.grad
 
@@ -240,12 +249,12 @@ def test_masked_logits_do_not_change_the_loss_or_its_gradient():
 def test_non_finite_values_on_masked_tokens_are_ignored():
     logps, old, ref, mask = random_batch()
     A = torch.tensor([1.0, -2.0, 0.5, -0.5])
-    loss, _ = grpo_loss(logps, old, ref, A, mask, beta=0.1)
+    loss, _ = mean_loss(logps, old, ref, A, mask, beta=0.1)
     loss.backward()
     grad, logps.grad = logps.grad.clone(), None
     bad = logps.detach().masked_fill(~mask, math.nan).requires_grad_()  # NaN log-probs where mask is 0
     bad_old, bad_ref = old.masked_fill(~mask, -math.inf), ref.masked_fill(~mask, math.inf)
-    loss2, _ = grpo_loss(bad, bad_old, bad_ref, A, mask, beta=0.1)
+    loss2, _ = mean_loss(bad, bad_old, bad_ref, A, mask, beta=0.1)
     loss2.backward()
     assert loss2.item() == loss.item()
     assert torch.equal(bad.grad, grad)  # zero on masked tokens, not NaN
@@ -255,23 +264,23 @@ def test_non_finite_values_on_masked_tokens_are_ignored():
 def test_reference_logps_needed_only_with_a_kl_penalty():
     logps, old, _, mask = random_batch()
     A = torch.ones(4)
-    loss, metrics = grpo_loss(logps, old, None, A, mask, beta=0.0)
+    loss, metrics = mean_loss(logps, old, None, A, mask, beta=0.0)
     assert torch.isfinite(loss) and "kl" not in metrics
     with pytest.raises(ValueError, match="ref_logps"):
-        grpo_loss(logps, old, None, A, mask, beta=0.04)
+        mean_loss(logps, old, None, A, mask, beta=0.04)
 
 
 def test_bad_loss_arguments_are_named():
     logps, old, _, mask = random_batch()
     A = torch.ones(4)
     with pytest.raises(ValueError, match="'grpo', 'bnpo', 'dr_grpo', 'dapo'"):
-        grpo_loss(logps, old, None, A, mask, loss_type="ppo")
+        mean_loss(logps, old, None, A, mask, loss_type="ppo")
     with pytest.raises(ValueError, match="max_completion_length"):
-        grpo_loss(logps, old, None, A, mask, loss_type="dr_grpo")
+        mean_loss(logps, old, None, A, mask, loss_type="dr_grpo")
     with pytest.raises(ValueError, match="advantages"):
-        grpo_loss(logps, old, None, torch.ones(3), mask)
+        mean_loss(logps, old, None, torch.ones(3), mask)
     with pytest.raises(ValueError, match="mask"):
-        grpo_loss(logps, old, None, A, mask[:, :3])
+        mean_loss(logps, old, None, A, mask[:, :3])
 
 
 def test_per_token_logps_uses_the_temperature():

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from conftest import ROOT, read_jsonl
 from reference import GRPOTrainer
 from reference.data import CharTokenizer, Problem
-from reference.grpo import group_advantages, grpo_loss
+from reference.grpo import group_advantages, grpo_loss, grpo_loss_count
 from reference.logprobs import per_token_logps
 from reference.model import GPTConfig, TinyGPT
 from reference.rewards import correctness_reward, format_reward
@@ -98,16 +98,20 @@ def test_online_training_logs_every_metric(tmp_path):
                              val_loader=prompt_loader(PROBLEMS[:2]), eval_every=4)
     trainer.train()
     records = read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
-    keys = ["loss", "grad_norm", "lr", "reward", "reward_std", "frac_reward_zero_std", "kl", *CLIP_KEYS,
-            "rewards/correctness_reward", "rewards/format_reward", "rewards/length_reward",
-            "completions/mean_length", "completions/clipped_ratio", "generation_fraction"]
+    names = ("correctness_reward", "format_reward", "length_reward")
+    keys = ["loss", "grad_norm", "lr", "reward", "reward_std", "frac_reward_zero_std", "kl",
+            *CLIP_KEYS, "entropy", "num_tokens", "completions/mean_length",
+            "completions/clipped_ratio", *(f"rewards/{n}/{s}" for n in names for s in ("mean", "std"))]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     for r in records:
         assert all(math.isfinite(r[k]) for k in keys), r
         assert 1 <= r["completions/mean_length"] <= 4 and 0 <= r["completions/clipped_ratio"] <= 1
-        assert 0 <= r["frac_reward_zero_std"] <= 1 and 0 < r["generation_fraction"] < 1
-        weighted = r["rewards/correctness_reward"] + 0.5 * r["rewards/format_reward"] + 0.1 * r["rewards/length_reward"]
+        assert 0 <= r["frac_reward_zero_std"] <= 1 and r["entropy"] > 0
+        weighted = sum(w * r[f"rewards/{n}/mean"] for n, w in zip(names, (1.0, 0.5, 0.1)))
         assert r["reward"] == pytest.approx(weighted, rel=1e-5)
+    # num_tokens counts what was generated, prompts included: only steps that sampled add to it
+    assert records[0]["num_tokens"] == records[1]["num_tokens"] < records[2]["num_tokens"]
+    assert trainer.generation_seconds > 0
     assert records[1]["kl"] > 0  # the policy has moved away from its copy
     assert math.isfinite(read_jsonl(os.path.join(tmp_path, "metrics.jsonl"), split="eval")[0]["loss"])
     assert model.training  # generation switched to eval mode and back
@@ -151,7 +155,7 @@ def test_two_iterations_reuse_the_same_completions():
     assert not torch.equal(seen[2][0]["input_ids"], seen[0][0]["input_ids"])
     assert all(history[0][k] == 0.0 for k in CLIP_KEYS)
     assert history[1]["clip_ratio/region_mean"] > 0  # the policy moved: the ratio is no longer 1
-    assert history[1]["generation_fraction"] < history[0]["generation_fraction"]
+    assert history[1]["num_tokens"] == history[0]["num_tokens"] < history[2]["num_tokens"]
 
 
 class ScriptedGPT(TinyGPT):
@@ -274,10 +278,11 @@ def test_offline_step_equals_hand_computation(loss_type):
         parts.append((logps, logps.detach(), ref_logps, group_advantages(b["rewards"], G),
                       b["response_mask"][:, 1:].bool()))
     kw = dict(beta=0.1, loss_type=loss_type, max_completion_length=8)
-    if loss_type == "bnpo":
+    if loss_type == "bnpo":  # the mean of the micro-batches' own means
         loss = sum(grpo_loss(*part, **kw)[0] for part in parts) / 2
-    else:
-        loss = grpo_loss(*(torch.cat(x) for x in zip(*parts)), **kw)[0]
+    else:  # the whole step's loss_sum over its count
+        whole = [torch.cat(x) for x in zip(*parts)]
+        loss = grpo_loss(*whole, **kw)[0] / grpo_loss_count(whole[-1], loss_type, 8)
     loss.backward()
 
     record = offline_trainer(batches, model, ref_model=ref, beta=0.1, loss_type=loss_type,

@@ -1,9 +1,8 @@
 """Chapter 01: the plain training loop.
 
-Supervised fine-tuning (SFT) of a tiny GPT on n-digit addition ("12+34=" -> "46<eos>"):
-masked next-token loss, AdamW with weight decay on linear-layer weights only, linear warmup
-then cosine decay, periodic evaluation, and one JSON record per optimizer step in
-DIR/metrics.jsonl.
+Supervised fine-tuning (SFT) of a tiny GPT on n-digit addition ("12+34=" -> "46<eos>"): masked
+next-token loss, AdamW with weight decay on the weight matrices only, linear warmup then cosine
+decay, periodic evaluation, and one JSON record per optimizer step in DIR/metrics.jsonl.
 
     python tutorial/01_loop/train.py --out runs/01_loop
 """
@@ -18,13 +17,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from reference.data import CharTokenizer, SFTCollator, SFTDataset, exact_match, make_addition_splits
+from reference.metrics import MetricsLog
 from reference.model import GPTConfig, TinyGPT
-from reference.optimizer import configure_optimizer
+from reference.runtime import resolve_device
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Chapter 01: the plain training loop (SFT).")
-    p.add_argument("--out", default="runs/01_loop", help="where metrics.jsonl, summary.json and model.pt go")
+    p.add_argument("--out", default="runs/01_loop", help="folder for metrics.jsonl, summary.json")
     p.add_argument("--max-steps", type=int, default=800, help="optimizer steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
@@ -32,7 +32,7 @@ def get_args(argv=None):
     p.add_argument("--lr", type=float, default=5e-3, help="peak learning rate")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--warmup-steps", type=int, default=30)
-    p.add_argument("--digits", type=int, default=2, help="the task: addition of numbers below 10**digits")
+    p.add_argument("--digits", type=int, default=2, help="the task: a + b with a, b < 10**digits")
     p.add_argument("--eval-size", type=int, default=500, help="held-out problems, never trained on")
     p.add_argument("--eval-every", type=int, default=100, help="steps between evaluations")
     p.add_argument("--n-layer", type=int, default=2)
@@ -42,21 +42,21 @@ def get_args(argv=None):
     for name in ("max_steps", "batch_size", "eval_every", "eval_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.lr <= 0 or args.weight_decay < 0 or args.warmup_steps < 0:
+        p.error("need --lr > 0, --weight-decay >= 0 and --warmup-steps >= 0")
     return args
 
 
-def pick_device(name):
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but CUDA is not available; use --device auto or cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device mps was asked for, but MPS is not available; use --device auto or cpu")
-    return torch.device(name)
+def configure_optimizer(model, lr, weight_decay):
+    """AdamW with two parameter groups. Weight decay pulls weights towards zero; it goes on the
+    matrices that mix features (linear layers). Biases and LayerNorm gains are left alone, and
+    so are the embeddings here, a recipe choice (nanoGPT decays its token embedding)."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in embeddings]
+    no_decay = [p for p in model.parameters() if p.dim() < 2 or id(p) in embeddings]
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
 
 
 def lr_multiplier(step, warmup_steps, max_steps, min_ratio=0.1):
@@ -68,7 +68,7 @@ def lr_multiplier(step, warmup_steps, max_steps, min_ratio=0.1):
 
 
 def sft_loss_sum(logits, labels):
-    """Summed next-token cross-entropy over the target tokens, and how many targets there are.
+    """Summed next-token cross-entropy over the target tokens, and how many there are.
 
     The logits at position t predict the token at t+1, so labels shift left by one. Labels of
     -100 (prompt and padding) are ignored. The caller divides by the count, so that every
@@ -79,82 +79,126 @@ def sft_loss_sum(logits, labels):
     return loss_sum, (targets != -100).sum()
 
 
+def sft_loss(model, batch):
+    """The loss summed over the batch's target tokens, and metrics as (sum, count): here the
+    target tokens that the model already predicts (TRL's mean_token_accuracy)."""
+    logits = model(batch["input_ids"], batch["attention_mask"])
+    loss_sum, n = sft_loss_sum(logits, batch["labels"])
+    right = (logits[:, :-1].argmax(dim=-1) == batch["labels"][:, 1:]).sum()  # -100 never matches
+    return loss_sum, {"mean_token_accuracy": (right, n)}
+
+
+def count_targets(batch):
+    """What the loss is averaged over, and how many tokens it trains: for SFT both are the
+    target tokens (chapter 04's DPO averages over pairs instead)."""
+    n = (batch["labels"][:, 1:] != -100).sum()
+    return n, n
+
+
 def forever(loader):
     """Batches without end: a fresh shuffle at every pass over the data."""
     while True:
         yield from loader
 
 
+def to_device(batch, device):
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 @torch.no_grad()
-def evaluate(model, loader, device):
-    model.eval()
+def evaluate(model, loader, device, loss_fn=sft_loss, count_fn=count_targets):
+    """The mean loss over a held-out loader."""
+    model.eval()  # dropout off: evaluation measures the model, not a random sub-network
     total, count = 0.0, 0
     for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        loss_sum, n = sft_loss_sum(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])
-        total, count = total + loss_sum.item(), count + n.item()
+        batch = to_device(batch, device)
+        loss_sum, _ = loss_fn(model, batch)
+        total, count = total + loss_sum.item(), count + count_fn(batch)[0].item()
     model.train()
+    if count == 0:
+        raise ValueError("the held-out set has no target tokens to score; check --eval-size")
+    if not math.isfinite(total / count):
+        raise FloatingPointError(f"the held-out loss is {total / count}; lower --lr")
     return total / count
 
 
-def train(model, optimizer, scheduler, train_loader, evaluate_fn, args):
+def train(model, optimizer, scheduler, train_loader, evaluate_fn, args,
+          loss_fn=sft_loss, count_fn=count_targets):
     """The loop: forward, loss, backward, step. One metrics record per optimizer step, and an
-    evaluation every --eval-every steps. Returns the last train and eval records."""
-    log = open(os.path.join(args.out, "metrics.jsonl"), "w")
+    evaluation every --eval-every steps. Returns the last train and eval records.
+
+    loss_fn(model, batch) returns the loss summed over what count_fn(batch) counts, so the step's
+    loss is a mean over target tokens however the batch is padded, and metrics as (sum, count)."""
+    log = MetricsLog(args.out)  # metrics.jsonl, one JSON record a line, flushed as written
     batches = forever(train_loader)
     model.train()
     bar = tqdm(range(1, args.max_steps + 1), desc="train", disable=None)
     for step in bar:
-        batch = {k: v.to(args.device) for k, v in next(batches).items()}
-        logits = model(batch["input_ids"], batch["attention_mask"])
-        loss_sum, n_tokens = sft_loss_sum(logits, batch["labels"])
-        loss = loss_sum / n_tokens
+        batch = to_device(next(batches), args.device)
+        loss_count, tokens = count_fn(batch)
+        loss_sum, metrics = loss_fn(model, batch)
+        loss = loss_sum / loss_count
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower --lr")
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        grad_norm = torch.nn.utils.get_total_norm(
+            [p.grad for p in model.parameters() if p.grad is not None])
+        if not torch.isfinite(grad_norm):  # stop before a NaN or inf reaches the weights
+            raise FloatingPointError(f"step {step}: the gradient norm is {grad_norm.item()} "
+                                     f"(loss {loss.item()}); lower --lr")
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
 
         record = {"step": step, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
-                  "tokens": int(n_tokens)}
-        log.write(json.dumps(record) + "\n")
+                  "tokens": int(tokens), "loss_count": int(loss_count)}
+        record.update({name: float(s) / float(n) for name, (s, n) in metrics.items()})
+        log.write(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}")
         if step % args.eval_every == 0 or step == args.max_steps:
             eval_record = {"step": step, "split": "eval", **evaluate_fn()}
-            log.write(json.dumps(eval_record) + "\n")
-            tqdm.write(f"step {step}: train loss {record['loss']:.4f}, "
-                       + ", ".join(f"eval {k} {v:.4f}" for k, v in eval_record.items() if k not in ("step", "split")))
+            log.write(eval_record)
+            tqdm.write(f"step {step}: train loss {record['loss']:.4f}, " + ", ".join(
+                f"eval {k} {v:.4f}" for k, v in eval_record.items() if k not in ("step", "split")))
     log.close()
     return record, eval_record
 
 
+def write_atomic(path, write):
+    """Write a file under a temporary name, flush it to the disk, then rename it into place: a
+    crash leaves the old file or the new one, never half of one."""
+    with open(path + ".tmp", "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
 def main(argv=None):
     args = get_args(argv)
-    args.device = pick_device(args.device)
+    args.device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
 
     # data: disjoint train and held-out problems, right-padded batches, labels only on the answer
     tok = CharTokenizer()
-    train_problems, eval_problems = make_addition_splits(args.digits, args.eval_size, seed=args.seed)
+    train_problems, eval_problems = make_addition_splits(args.digits, args.eval_size,
+                                                         seed=args.seed)
     collate = SFTCollator(tok.pad_id)
     train_loader = torch.utils.data.DataLoader(
-        SFTDataset(train_problems, tok), batch_size=args.batch_size, shuffle=True, drop_last=True,
-        collate_fn=collate, generator=torch.Generator().manual_seed(args.seed))
-    val_loader = torch.utils.data.DataLoader(SFTDataset(eval_problems, tok), batch_size=256, collate_fn=collate)
+        SFTDataset(train_problems, tok), batch_size=args.batch_size, shuffle=True,
+        drop_last=True, collate_fn=collate, generator=torch.Generator().manual_seed(args.seed))
+    val_loader = torch.utils.data.DataLoader(SFTDataset(eval_problems, tok), batch_size=256,
+                                             collate_fn=collate)
 
     # model, optimizer and learning-rate schedule
     cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=4 * args.digits + 4,
                     n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     model = TinyGPT(cfg).to(args.device)
-    optimizer = configure_optimizer(model, "adamw", lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = configure_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, args.warmup_steps, args.max_steps))
     print(f"TinyGPT: {model.num_parameters():,} parameters on {args.device}; "
-          f"{len(train_problems)} train / {len(eval_problems)} held-out {args.digits}-digit problems")
+          f"{len(train_problems)} train / {len(eval_problems)} held-out problems")
 
     def evaluate_fn():
         return {"loss": evaluate(model, val_loader, args.device),
@@ -164,17 +208,15 @@ def main(argv=None):
     record, eval_record = train(model, optimizer, scheduler, train_loader, evaluate_fn, args)
     train_seconds = time.perf_counter() - start
 
-    # save the final model atomically: write a temporary file, then rename it into place
-    path = os.path.join(args.out, "model.pt")
-    torch.save({"model": model.state_dict(), "config": vars(cfg)}, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    write_atomic(os.path.join(args.out, "model.pt"),
+                 lambda f: torch.save({"model": model.state_dict(), "config": vars(cfg)}, f))
     summary = {"eval_accuracy": eval_record["accuracy"], "eval_loss": eval_record["loss"],
-               "final_loss": record["loss"], "steps": record["step"], "train_seconds": train_seconds,
-               "parameters": model.num_parameters()}
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+               "final_loss": record["loss"], "steps": record["step"],
+               "train_seconds": train_seconds, "parameters": model.num_parameters()}
+    write_atomic(os.path.join(args.out, "summary.json"),
+                 lambda f: f.write(json.dumps(summary, indent=2).encode()))
     print(f"held-out exact match {summary['eval_accuracy']:.3f} after {summary['steps']} steps "
-          f"({train_seconds:.1f} s of training); wrote {args.out}/metrics.jsonl and summary.json")
+          f"({train_seconds:.1f} s of training); wrote {args.out}/metrics.jsonl, summary.json")
     return summary
 
 

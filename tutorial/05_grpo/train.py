@@ -1,36 +1,30 @@
 """Chapter 05: chapter 04 plus GRPO: sampling, verifiable rewards, group advantages, clip, KL.
 
-Two phases. SFT (chapter 03's loop, unchanged) for --sft-steps steps, to a deliberately weak
-starting point. Then, with --method grpo (the default), GRPO for --max-steps steps: the model
-samples --num-samples-per-prompt answers to each prompt, a program scores every completion (1 for
-the right sum), and each completion's advantage is its reward relative to the others of its
-group. The loss makes the better-than-average completions more likely, with PPO's clip on the
-ratio pi / pi_old and, with --beta > 0, a k3 KL penalty towards a frozen copy of the SFT model.
---method dpo runs chapter 04's phase instead, unchanged: on pairs of one prompt with the right sum
-(chosen) and a plausible wrong one (rejected), the policy learns to prefer chosen by more than
-a frozen copy of the SFT model (the reference) does. Chosen and rejected go through the model
-in one concatenated forward pass. The chosen answer's NLL is added to the loss (RPO,
---rpo-alpha; 0 = plain DPO): on pairs that differ in one digit, plain DPO lowers the right
-answer's likelihood along with the wrong one's. AMP, accumulation, clipping, DDP, checkpoints
-and exact resume work for both phases; --resume skips the SFT phase if it already finished.
+Two phases, as in chapter 04: SFT to a weak start, then (--method grpo, the default) GRPO for
+--max-steps steps. The model samples --num-samples-per-prompt answers to each prompt, a program
+scores every completion (1 for the right sum), and each completion's advantage is its reward
+relative to the others of its group. The loss makes the better-than-average completions more
+likely, with PPO's clip on the ratio pi / pi_old and, with --grpo-beta > 0, a k3 KL penalty
+towards a frozen copy of the SFT model. --method dpo runs chapter 04's DPO phase instead.
 
-Output: DIR/sft/ holds the SFT phase's metrics.jsonl and checkpoints/; DIR/metrics.jsonl and
-DIR/checkpoints/ are the second phase's (the chapter's subject, so `python -m reference.compare`
-diffs it); DIR/model.pt is the final policy; DIR/summary.json has eval_accuracy (after the second
-phase) and eval_accuracy_sft / _grpo (held-out exact match before and after GRPO; with --method
-dpo, _dpo and chapter 04's preference accuracies).
+DIR/sft/ holds the SFT phase's metrics.jsonl and checkpoints/; DIR/metrics.jsonl and
+DIR/checkpoints/ are the second phase's; DIR/summary.json has held-out exact match before (_sft)
+and after (_grpo or _dpo) it.
 
     python tutorial/05_grpo/train.py --out runs/05_grpo
     torchrun --standalone --nproc_per_node=2 tutorial/05_grpo/train.py --out runs/05_grpo --resume
 """
 import argparse
 import copy
+import hashlib
+import io
 import json
 import math
 import os
 import shutil
 import signal
 import time
+import warnings
 from contextlib import nullcontext
 
 import torch
@@ -40,103 +34,86 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from reference.checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
 from reference.data import CharTokenizer, SFTCollator, SFTDataset, exact_match, make_addition_splits
-from reference.data import PreferenceCollator, PreferenceDataset
-from reference.dpo import preference_accuracy
-from reference.grpo import group_advantages, grpo_loss, per_token_logps
-from reference.rewards import check_rewards, correctness_reward, format_reward
-from reference.data import PromptCollator, PromptDataset
-from reference.rollout import move
+from reference.metrics import MetricsLog, read_metrics
+from reference.data import PreferenceCollator, PreferenceDataset, PromptCollator, PromptDataset
 from reference.model import GPTConfig, TinyGPT
-from reference.optimizer import configure_optimizer
+from reference.rundir import locked, remove_stale_temporaries
+from reference.runtime import resolve_amp_dtype, resolve_device
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Chapter 05: + GRPO: sampling, verifiable rewards, group advantages.")
-    p.add_argument("--out", default="runs/05_grpo", help="where metrics.jsonl, summary.json and model.pt go")
+    p = argparse.ArgumentParser(description="Chapter 05: + GRPO on the model's own samples.")
+    p.add_argument("--out", default="runs/05_grpo", help="folder for metrics.jsonl, summary.json")
     p.add_argument("--max-steps", type=int, default=None,
-                   help="optimizer steps of the phase after SFT (default: 800 of GRPO, or 150 of DPO)")
+                   help="optimizer steps after SFT (default: 800 of GRPO, 150 of DPO)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--batch-size", type=int, default=64,
-                   help="the micro-batch (sequences, pairs, or GRPO prompts), per process")
-    p.add_argument("--grad-accum-steps", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--amp", default="bf16", choices=["off", "bf16", "fp16"], help="autocast dtype")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this")
-    p.add_argument("--lr", type=float, default=5e-3, help="peak learning rate of the SFT phase")
+    p.add_argument("--batch-size", type=int, default=64, help="the micro-batch, per process")
+    p.add_argument("--grad-accum-steps", type=int, default=1, help="micro-batches per step")
+    p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
+                   help="autocast dtype; auto: bf16 on a GPU, off (fp32) on a CPU")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm")
+    p.add_argument("--lr", type=float, default=5e-3, help="peak learning rate of SFT")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--warmup-steps", type=int, default=30)
-    p.add_argument("--digits", type=int, default=2, help="the task: addition of numbers below 10**digits")
+    p.add_argument("--digits", type=int, default=2, help="the task: a + b with a, b < 10**digits")
     p.add_argument("--eval-size", type=int, default=500, help="held-out problems, never trained on")
-    p.add_argument("--eval-every", type=int, default=100, help="steps between evaluations")
+    p.add_argument("--eval-every", type=int, default=20, help="steps between evaluations")
     p.add_argument("--n-layer", type=int, default=2)
     p.add_argument("--n-head", type=int, default=4)
     p.add_argument("--n-embd", type=int, default=64)
     p.add_argument("--save-every", type=int, default=200, help="steps between checkpoints")
     p.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep")
     p.add_argument("--resume", action="store_true",
-                   help="continue each phase from its newest checkpoint in DIR/sft/checkpoints and DIR/checkpoints")
+                   help="continue from the newest good checkpoint in DIR/checkpoints")
     p.add_argument("--crash-at-step", type=int, default=None,
-                   help="fault-tolerance demo: the last rank SIGKILLs itself after this step (first attempt only)")
-    p.add_argument("--sft-steps", type=int, default=600, help="optimizer steps of the SFT phase: a weak start")
-    p.add_argument("--beta", type=float, default=None,
-                   help="how far the policy may move from the reference: DPO's beta (default 0.1); GRPO's KL "
-                        "weight (default 0.0: no KL penalty and no reference model)")
-    p.add_argument("--dpo-lr", type=float, default=2e-3, help="peak learning rate of the DPO phase")
+                   help="a fault demo: the last rank SIGKILLs itself after this step, once")
+    p.add_argument("--sft-steps", type=int, default=1000, help="most optimizer steps of SFT")
+    p.add_argument("--sft-target", type=float, default=0.5,
+                   help="stop SFT at the first evaluation with this held-out exact match")
+    p.add_argument("--beta", type=float, default=0.1, help="how far DPO may move from the start")
+    p.add_argument("--dpo-lr", type=float, default=2e-3, help="peak learning rate of DPO")
     p.add_argument("--dpo-warmup-steps", type=int, default=10)
-    p.add_argument("--loss-type", default=None, choices=["sigmoid", "ipo", "hinge", "grpo", "bnpo", "dr_grpo", "dapo"],
-                   help="DPO: sigmoid (default), ipo, hinge; GRPO: how token losses are averaged, grpo (default), "
-                        "bnpo, dr_grpo, dapo")
-    p.add_argument("--label-smoothing", type=float, default=0.0,
-                   help="conservative DPO: the probability that a preference label is wrong (sigmoid loss)")
     p.add_argument("--rpo-alpha", type=float, default=1.0,
-                   help="weight of the chosen answer's NLL added to the DPO loss (RPO; 0 = plain DPO)")
-    p.add_argument("--precompute-ref-logps", action="store_true",
-                   help="score every pair under the reference once, before DPO, then free the reference model")
+                   help="weight of the chosen answer's NLL in the loss (0: plain DPO)")
     p.add_argument("--method", default="grpo", choices=["grpo", "dpo"], help="the phase after SFT")
     p.add_argument("--num-samples-per-prompt", type=int, default=8,
-                   help="G: completions sampled per prompt, one group; a micro-batch has --batch-size * G of them")
-    p.add_argument("--clip-eps", type=float, default=0.2, help="PPO's clip: the ratio pi / pi_old stays in 1 +- this")
+                   help="G: completions per prompt, one group; a micro-batch has --batch-size * G")
+    p.add_argument("--clip-eps", type=float, default=0.2, help="pi / pi_old is kept in 1 +- this")
     p.add_argument("--num-iterations", type=int, default=1,
-                   help="mu: optimizer steps on each batch of completions (1: the ratio is exactly 1)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
-    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only")
+                   help="mu: optimizer steps on each batch of completions (1: the ratio is 1)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--max-completion-length", type=int, default=None,
-                   help="tokens sampled per completion (default: the longest answer plus its end token)")
-    p.add_argument("--grpo-lr", type=float, default=1e-3, help="peak learning rate of the GRPO phase")
+                   help="tokens sampled per completion (default: the longest sum + its end token)")
+    p.add_argument("--grpo-lr", type=float, default=1e-3, help="peak learning rate of GRPO")
     p.add_argument("--grpo-warmup-steps", type=int, default=10)
-    p.add_argument("--format-reward-weight", type=float, default=0.0,
-                   help="> 0 adds format_reward (digits, then the end token) with this weight to correctness_reward")
+    p.add_argument("--grpo-beta", type=float, default=0.0,
+                   help="weight of the KL penalty towards the SFT model (0: no reference model)")
     args = p.parse_args(argv)
     if args.max_steps is None:
         args.max_steps = 150 if args.method == "dpo" else 800
-    if args.beta is None:
-        args.beta = 0.1 if args.method == "dpo" else 0.0
-    if args.loss_type is None:
-        args.loss_type = "sigmoid" if args.method == "dpo" else "grpo"
-    if (args.loss_type in ("sigmoid", "ipo", "hinge")) != (args.method == "dpo"):
-        p.error(f"--loss-type {args.loss_type} is not a --method {args.method} loss")
-    for name in ("max_steps", "batch_size", "eval_every", "eval_size", "grad_accum_steps", "save_every", "keep_last",
-                 "sft_steps"):
+    for name in ("max_steps", "batch_size", "eval_every", "eval_size", "grad_accum_steps",
+                 "save_every", "keep_last", "sft_steps", "num_iterations"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.lr <= 0 or args.weight_decay < 0 or args.warmup_steps < 0:
+        p.error("need --lr > 0, --weight-decay >= 0 and --warmup-steps >= 0")
     if args.max_grad_norm <= 0:
         p.error("--max-grad-norm must be > 0")
-    if args.method == "dpo" and (args.beta <= 0 or args.dpo_lr <= 0):
-        p.error("--beta and --dpo-lr must be > 0")
+    if args.beta <= 0 or args.dpo_lr <= 0 or args.rpo_alpha < 0:
+        p.error("need --beta > 0, --dpo-lr > 0 and --rpo-alpha >= 0")
     if args.method == "grpo":
         if args.num_samples_per_prompt < 2:
-            p.error("--num-samples-per-prompt must be >= 2: a completion's advantage is its reward relative "
-                    "to the others of its group")
-        if args.beta < 0 or args.grpo_lr <= 0 or args.clip_eps < 0 or args.temperature <= 0:
-            p.error("need --beta >= 0, --grpo-lr > 0, --clip-eps >= 0 and --temperature > 0")
-        if min(args.num_iterations, args.top_k or 1, args.max_completion_length or 1) < 1:
-            p.error("--num-iterations, --top-k and --max-completion-length must be >= 1")
-    if not 0 <= args.label_smoothing < 0.5:
-        p.error("--label-smoothing must be in [0, 0.5)")
-    if args.rpo_alpha < 0:
-        p.error("--rpo-alpha must be >= 0")
+            p.error("--num-samples-per-prompt must be >= 2: a completion's advantage is its "
+                    "reward relative to the others of its group")
+        if args.grpo_beta < 0 or args.grpo_lr <= 0 or args.clip_eps < 0 or args.temperature <= 0:
+            p.error("need --grpo-beta >= 0, --grpo-lr > 0, --clip-eps >= 0 and --temperature > 0")
+        if (args.max_completion_length or 1) < 1:
+            p.error("--max-completion-length must be >= 1")
+        if args.save_every % args.num_iterations:
+            p.error("--save-every must be a multiple of --num-iterations: a checkpoint comes "
+                    "between two batches of completions")
     return args
 
 
@@ -144,7 +121,8 @@ def setup_distributed(device):
     """Join the process group if torchrun started us. Returns (rank, world_size, device)."""
     if "RANK" not in os.environ:
         return 0, 1, device
-    rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    rank, world_size, local_rank = (int(os.environ[k])
+                                    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -152,38 +130,20 @@ def setup_distributed(device):
     return rank, world_size, device
 
 
-def pick_device(name):
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but CUDA is not available; use --device auto or cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device mps was asked for, but MPS is not available; use --device auto or cpu")
-    return torch.device(name)
-
-
-def amp_dtype_for(amp, device):
-    """The autocast dtype for --amp, or None for fp32. fp16 must actually work on the device."""
-    if amp == "off":
-        return None
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    try:
-        with torch.autocast(device.type, dtype=dtype):
-            x = torch.ones(2, 2, device=device)
-            ok = (x @ x).dtype == dtype
-    except (RuntimeError, AssertionError):
-        ok = False
-    if not ok:
-        raise ValueError(f"--amp {amp} autocast is not supported on {device}; use --amp bf16 or off")
-    return dtype
-
-
 def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def configure_optimizer(model, lr, weight_decay):
+    """AdamW with two parameter groups. Weight decay pulls weights towards zero; it goes on the
+    matrices that mix features (linear layers). Biases and LayerNorm gains are left alone, and
+    so are the embeddings here, a recipe choice (nanoGPT decays its token embedding)."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in embeddings]
+    no_decay = [p for p in model.parameters() if p.dim() < 2 or id(p) in embeddings]
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
 
 
 def lr_multiplier(step, warmup_steps, max_steps, min_ratio=0.1):
@@ -195,7 +155,7 @@ def lr_multiplier(step, warmup_steps, max_steps, min_ratio=0.1):
 
 
 def sft_loss_sum(logits, labels):
-    """Summed next-token cross-entropy over the target tokens, and how many targets there are.
+    """Summed next-token cross-entropy over the target tokens, and how many there are.
 
     The logits at position t predict the token at t+1, so labels shift left by one. Labels of
     -100 (prompt and padding) are ignored. The caller divides by the count, so that every
@@ -207,207 +167,214 @@ def sft_loss_sum(logits, labels):
 
 
 def sft_loss(model, batch):
-    """The SFT loss of a batch, summed over its target tokens; SFT logs no extra metrics."""
-    loss_sum, _ = sft_loss_sum(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])
-    return loss_sum, {}
+    """The loss summed over the batch's target tokens, and metrics as (sum, count): here the
+    target tokens that the model already predicts (TRL's mean_token_accuracy)."""
+    logits = model(batch["input_ids"], batch["attention_mask"])
+    loss_sum, n = sft_loss_sum(logits, batch["labels"])
+    right = (logits[:, :-1].argmax(dim=-1) == batch["labels"][:, 1:]).sum()  # -100 never matches
+    return loss_sum, {"mean_token_accuracy": (right, n)}
 
 
 def count_targets(batch):
-    """What the SFT loss is averaged over: target tokens."""
-    return (batch["labels"][:, 1:] != -100).sum()
+    """What the loss is averaged over, and how many tokens it trains: for SFT both are the
+    target tokens (chapter 04's DPO averages over pairs instead)."""
+    n = (batch["labels"][:, 1:] != -100).sum()
+    return n, n
 
 
 def sequence_logps(logits, labels):
     """log p(completion | prompt), one per row: the summed log-probs of the target tokens. In
     float32: in bf16, sums over many tokens lose the small differences DPO is made of."""
-    logits, targets = logits[:, :-1, :].float(), labels[:, 1:]
-    per_token = logits.log_softmax(dim=-1).gather(2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return torch.where(targets != -100, per_token, torch.zeros_like(per_token)).sum(dim=-1)
+    logps = logits[:, :-1].float().log_softmax(dim=-1)
+    targets = labels[:, 1:]
+    per_token = logps.gather(2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(targets != -100, per_token, 0.0).sum(dim=-1)
 
 
 def concatenated_logps(model, batch, pad_id):
     """log p(chosen) and log p(rejected), from ONE forward pass over both halves: the weights
-    are read once, and DDP sees one forward per backward. The narrower half is right-padded."""
+    are read once. The narrower half is right-padded to the width of the other."""
     T = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
 
-    def both(key, value):  # chosen rows, then rejected rows, each padded with `value` to width T
-        return torch.cat([F.pad(batch[f"{side}_{key}"], (0, T - batch[f"{side}_{key}"].shape[1]), value=value)
-                          for side in ("chosen", "rejected")])
+    def both(key, value):  # chosen rows, then rejected rows, padded with `value` to width T
+        return torch.cat([F.pad(batch[f"{side}_{key}"], (0, T - batch[f"{side}_{key}"].shape[1]),
+                                value=value) for side in ("chosen", "rejected")])
     logits = model(both("input_ids", pad_id), both("attention_mask", 0))
-    logps = sequence_logps(logits, both("labels", -100))
-    B = batch["chosen_input_ids"].shape[0]
-    return logps[:B], logps[B:]
+    return sequence_logps(logits, both("labels", -100)).chunk(2)
 
 
 def dpo_loss(model, ref_model, batch, args):
     """The DPO loss summed over the batch's pairs, and TRL's metrics as (sum, pairs).
 
     logits = log pi(chosen) - log pi(rejected) - (the same under the reference): how much more
-    the policy prefers chosen than the reference did. The implicit rewards beta * log(pi / ref)
-    are only logged."""
+    the policy prefers chosen than the reference did; the loss is -log sigmoid(beta * logits).
+    The implicit rewards beta * log(pi / ref) of each side are only logged."""
     chosen, rejected = concatenated_logps(model, batch, args.pad_id)
-    if "ref_chosen_logps" in batch:  # --precompute-ref-logps: scored once, before training
-        ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-    else:
-        with torch.no_grad():  # the reference is frozen: no graph, no gradient
-            ref_chosen, ref_rejected = concatenated_logps(ref_model, batch, args.pad_id)
+    with torch.no_grad():  # the reference is frozen: no graph, no gradient
+        ref_chosen, ref_rejected = concatenated_logps(ref_model, batch, args.pad_id)
     logits = (chosen - rejected) - (ref_chosen - ref_rejected)
-    beta, eps = args.beta, args.label_smoothing
-    if args.loss_type == "sigmoid":  # the DPO paper's; eps > 0: each label may be wrong (cDPO)
-        losses = -F.logsigmoid(beta * logits) * (1 - eps) - F.logsigmoid(-beta * logits) * eps
-    elif args.loss_type == "ipo":  # regress the margin to 1/(2 beta) instead of pushing it to infinity
-        losses = (logits - 1 / (2 * beta)) ** 2
-    else:  # hinge (SLiC)
-        losses = torch.relu(1 - beta * logits)
-    chosen_rewards = beta * (chosen - ref_chosen).detach()
-    rejected_rewards = beta * (rejected - ref_rejected).detach()
+    losses = -F.logsigmoid(args.beta * logits)
+    chosen_rewards = args.beta * (chosen - ref_chosen).detach()
+    rejected_rewards = args.beta * (rejected - ref_rejected).detach()
     n = len(losses)
-    if args.rpo_alpha:  # RPO: + the right answer's NLL per token, or DPO lowers it along with the wrong one
-        nll = -chosen / (batch["chosen_labels"][:, 1:] != -100).sum(dim=1)
-        losses = losses + args.rpo_alpha * nll
-    metrics = {"rewards/chosen": (chosen_rewards.sum(), n), "rewards/rejected": (rejected_rewards.sum(), n),
+    metrics = {"rewards/chosen": (chosen_rewards.sum(), n),
+               "rewards/rejected": (rejected_rewards.sum(), n),
                "rewards/accuracies": ((chosen_rewards > rejected_rewards).float().sum(), n),
                "rewards/margins": ((chosen_rewards - rejected_rewards).sum(), n),
-               "logps/chosen": (chosen.detach().sum(), n), "logps/rejected": (rejected.detach().sum(), n)}
-    if args.rpo_alpha:
+               "logps/chosen": (chosen.detach().sum(), n),
+               "logps/rejected": (rejected.detach().sum(), n)}
+    if args.rpo_alpha:  # RPO: + the right answer's NLL per token, so that DPO cannot lower it
+        nll = -chosen / (batch["chosen_labels"][:, 1:] != -100).sum(dim=1)
+        losses = losses + args.rpo_alpha * nll
         metrics["nll_loss"] = (nll.detach().sum(), n)
     return losses.sum(), metrics
 
 
 def count_pairs(batch):
-    """What the DPO loss is averaged over: pairs."""
-    return torch.tensor(batch["chosen_input_ids"].shape[0], device=batch["chosen_input_ids"].device)
+    """DPO averages its loss over pairs; the tokens it trains are both completions'."""
+    labels = [batch[f"{side}_labels"][:, 1:] for side in ("chosen", "rejected")]
+    return torch.tensor(len(labels[0])), sum((side != -100).sum() for side in labels)
 
 
-class WithRefLogps(torch.utils.data.Dataset):
-    """--precompute-ref-logps: the pairs, each with the reference's log-prob of both sides."""
-
-    def __init__(self, pairs, ref_model, collate, batch_size, args):
-        logps = []
-        with torch.no_grad():
-            for batch in torch.utils.data.DataLoader(pairs, batch_size=batch_size, collate_fn=collate):
-                batch = {k: v.to(args.device) for k, v in batch.items()}
-                with autocast(args.device, args.amp_dtype):  # as the reference runs when not precomputed
-                    logps.append(torch.stack(concatenated_logps(ref_model, batch, args.pad_id), dim=1).cpu())
-        self.pairs, self.logps = pairs, torch.cat(logps)
-
-    def __len__(self):
-        return len(self.pairs)
-
-    def __getitem__(self, i):
-        return {**self.pairs[i], "ref_chosen_logps": self.logps[i, 0], "ref_rejected_logps": self.logps[i, 1]}
+@torch.no_grad()
+def preference_accuracy(model, loader, args):
+    """The share of held-out pairs in which the model gives chosen a higher log-prob than
+    rejected: what DPO trains, measured without the reference."""
+    model.eval()
+    wins = total = 0
+    for batch in loader:
+        chosen, rejected = concatenated_logps(model, to_device(batch, args.device), args.pad_id)
+        wins, total = wins + int((chosen > rejected).sum()), total + len(chosen)
+    model.train()
+    return wins / total
 
 
-def collate_pairs(pad_id):
-    """PreferenceCollator, plus the precomputed reference log-probs when the items carry them."""
-    collate = PreferenceCollator(pad_id)
-
-    def collate_fn(items):
-        batch = collate(items)
-        for key in ("ref_chosen_logps", "ref_rejected_logps"):
-            if key in items[0]:
-                batch[key] = torch.stack([item[key] for item in items])
-        return batch
-    return collate_fn
+def correctness_reward(completions, problems):
+    """1 where the completion is exactly the sum, else 0: a program checks, no reward model."""
+    return [float(text == problem.answer) for text, problem in zip(completions, problems)]
 
 
+@torch.no_grad()
 def sample_and_score(model, batch, args):
     """One micro-batch of prompts in, G scored completions per prompt out (a "rollout").
 
     Each prompt is repeated G times as one contiguous group; the model samples a completion for
-    each row; a completion ends at its first end token and whatever follows is masked out; a
-    program scores the text. Nothing here is differentiated: it is how GRPO makes its data."""
-    prompt_ids, prompt_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
-    (B, P), G, L = prompt_ids.shape, args.num_samples_per_prompt, args.max_completion_length
-    if P + L > model.config.block_size:
-        raise ValueError(f"prompts of {P} tokens + --max-completion-length {L} exceed the model's context of "
-                         f"{model.config.block_size} tokens; lower --max-completion-length")
-    ids = prompt_ids.repeat_interleave(G, dim=0)  # rows g*G .. g*G+G-1: prompt g's group
-    mask = prompt_mask.repeat_interleave(G, dim=0)
+    each row; a completion ends at its first end token, which is kept (it is how the model
+    learns to stop) while whatever the sampler wrote after it is masked out; a program scores
+    the text. Nothing here is differentiated: it is how GRPO makes its data."""
+    G, L = args.num_samples_per_prompt, args.max_completion_length
+    ids = batch["prompt_input_ids"].repeat_interleave(G, dim=0)  # rows gG..gG+G-1: prompt g
+    mask = batch["prompt_attention_mask"].repeat_interleave(G, dim=0)
+    if ids.shape[1] + L > model.config.block_size:
+        raise ValueError(f"prompts of {ids.shape[1]} tokens + --max-completion-length {L} exceed "
+                         f"the model's context of {model.config.block_size}; lower the length")
     model.eval()  # no dropout while sampling
-    completion_ids = model.generate(ids, mask, max_new_tokens=L, temperature=args.temperature, top_k=args.top_k,
-                                    do_sample=True, eos_token_id=args.eos_id, pad_token_id=args.pad_id,
-                                    generator=args.generator)
+    completions = model.generate(ids, mask, max_new_tokens=L, temperature=args.temperature,
+                                 do_sample=True, eos_token_id=args.eos_id,
+                                 pad_token_id=args.pad_id, generator=args.generator)
     model.train()
-    # keep each completion up to and including its first end token: the end token is trained
-    # (it is how the model learns to stop), what the sampler wrote after it is not
-    is_eos = completion_ids == args.eos_id
+    is_eos = completions == args.eos_id
     ended = is_eos.any(dim=1)
-    first = torch.where(ended, is_eos.int().argmax(dim=1), L)
-    keep = torch.arange(L, device=ids.device)[None, :] <= first[:, None]
-    # reward functions see text, as in TRL: reward_fn(prompts, completions, **batch) -> list[float]
-    N = B * G
-    completions = [args.tok.decode(row.tolist()) for row in completion_ids]
-    prompts = [prompt for prompt in batch["prompts"] for _ in range(G)]
+    last = torch.where(ended, is_eos.int().argmax(dim=1), L)  # L: the row never ended
+    keep = torch.arange(L, device=ids.device) <= last[:, None]
+    texts = [args.tok.decode(row) for row in completions.tolist()]
     problems = [problem for problem in batch["problems"] for _ in range(G)]
-    columns = [check_rewards(fn(prompts=prompts, completions=completions, ended=ended.tolist(), problems=problems),
-                             N, fn.__name__) for fn, _ in args.reward_fns]
-    per_fn = torch.tensor(columns, dtype=torch.float32).T.reshape(N, len(columns))
-    weights = torch.tensor([weight for _, weight in args.reward_fns], dtype=torch.float32)
-    rewards = (per_fn * weights).sum(dim=1)
-    metrics = {f"rewards/{fn.__name__}": (per_fn[:, i].sum(), N) for i, (fn, _) in enumerate(args.reward_fns)}
-    metrics["completions/mean_length"] = (keep.sum().float(), N)
-    metrics["completions/clipped_ratio"] = ((~ended).sum().float(), N)  # cut off by --max-completion-length
-    grouped = rewards.view(B, G)
-    metrics["reward"] = (rewards.sum(), N)
-    metrics["reward_std"] = (grouped.std(dim=1).sum(), B)
-    # a group whose G rewards are all equal has zero advantages: it teaches nothing
-    metrics["frac_reward_zero_std"] = ((grouped == grouped[:, :1]).all(dim=1).sum().float(), B)
+    rewards = torch.tensor(correctness_reward(texts, problems), device=ids.device)
+    grouped, N = rewards.view(-1, G), len(rewards)
+    metrics = {"reward": (rewards.sum(), N), "rewards/correctness_reward/mean": (rewards.sum(), N),
+               "reward_std": (grouped.std(dim=1).sum(), len(grouped)),  # the groups' mean std
+               # a group whose G rewards are all equal has zero advantages: it teaches nothing
+               "frac_reward_zero_std": ((grouped == grouped[:, :1]).all(1).sum(), len(grouped)),
+               "completions/mean_length": (keep.sum(), N),
+               "completions/clipped_ratio": ((~ended).sum(), N)}  # cut off by the length limit
     # log-probs at position t predict token t+1: only the completion's kept tokens are trained
     trained = torch.cat([torch.zeros_like(mask[:, 1:], dtype=torch.bool), keep], dim=1)
-    return {"input_ids": torch.cat([ids, completion_ids], dim=1), "attention_mask": torch.cat([mask, keep.long()], dim=1),
-            "completion_mask": trained, "rewards": rewards.to(ids.device), "metrics": metrics}
+    return {"input_ids": torch.cat([ids, completions], dim=1), "rewards": rewards,
+            "attention_mask": torch.cat([mask, keep.long()], dim=1), "completion_mask": trained,
+            "metrics": metrics}
 
 
 def completion_logps(model, rollout, temperature):
     """log p of every token given the ones before it, under the distribution that was sampled
-    from (the logits divided by the temperature)."""
-    return per_token_logps(model(rollout["input_ids"], rollout["attention_mask"]), rollout["input_ids"], temperature)
+    from (the logits divided by the temperature), in float32; and the entropy of that
+    distribution at every position."""
+    logits = model(rollout["input_ids"], rollout["attention_mask"])[:, :-1].float() / temperature
+    logps = logits.log_softmax(dim=-1)
+    entropy = -(logps.exp() * logps).sum(dim=-1)
+    return logps.gather(2, rollout["input_ids"][:, 1:].unsqueeze(-1)).squeeze(-1), entropy
+
+
+def group_advantages(rewards, G):
+    """A = (r - mean of its group) / (std of its group + 1e-4): each completion against the
+    others sampled for the same prompt, so no value model is needed. A group whose rewards are
+    all equal carries no signal and gets exactly 0."""
+    grouped = rewards.view(-1, G)
+    centered = grouped - grouped.mean(dim=1, keepdim=True)
+    all_equal = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)
+    centered = torch.where(all_equal, 0.0, centered)  # a float mean can be off by an ulp
+    return (centered / (grouped.std(dim=1, keepdim=True) + 1e-4)).view(-1)
 
 
 @torch.no_grad()
-def roll_out(model, ref_model, batches, args):
-    """The step's micro-batches of prompts, rolled out, with everything the loss needs that does
-    not change while the policy trains on them: advantages, old_logps and ref_logps."""
+def roll_out(model, ref_model, batches, args, state):
+    """The step's micro-batches of prompts, rolled out, with what the loss needs that does not
+    change while the policy trains on them: advantages, old_logps and ref_logps."""
     with autocast(args.device, args.amp_dtype):
         rollouts = [sample_and_score(model, batch, args) for batch in batches]
-    # A = (r - mean of its group) / std of its group. Groups never cross micro-batches or ranks,
-    # so every rank computes its own advantages, before anything is split for training
-    advantages = group_advantages(torch.cat([r["rewards"] for r in rollouts]), args.num_samples_per_prompt)
+    # Groups never cross micro-batches or ranks: every rank computes its own advantages
+    rewards = torch.cat([r["rewards"] for r in rollouts])
+    advantages = group_advantages(rewards, args.num_samples_per_prompt)
+    # TRL's batch-wide figures, over every rank: the rewards' std, and the tokens generated
+    stats = torch.stack([rewards.sum(), rewards.square().sum(), torch.tensor(len(rewards)),
+                         sum(r["attention_mask"].sum() for r in rollouts)]).double()
+    if args.world_size > 1:
+        dist.all_reduce(stats)
+    total, squares, n, tokens = stats.tolist()
+    state["num_tokens"] += int(tokens)
+    std = math.sqrt(max(0.0, squares - total * total / n) / (n - 1))
+    rollouts[0]["metrics"]["rewards/correctness_reward/std"] = (torch.tensor(std), 1)
     for rollout, A in zip(rollouts, advantages.split([len(r["rewards"]) for r in rollouts])):
         rollout["advantages"] = A
         with autocast(args.device, args.amp_dtype):
             # pi_old: the policy that sampled. Needed only when a rollout is reused: on its first
             # use the policy IS pi_old, and the loss uses logps.detach() (ratio exactly 1)
-            rollout["old_logps"] = completion_logps(model, rollout, args.temperature) if args.num_iterations > 1 else None
-            rollout["ref_logps"] = completion_logps(ref_model, rollout, args.temperature) if args.beta > 0 else None
+            rollout["old_logps"] = completion_logps(model, rollout, args.temperature)[0] \
+                if args.num_iterations > 1 else None
+            rollout["ref_logps"] = completion_logps(ref_model, rollout, args.temperature)[0] \
+                if args.grpo_beta > 0 else None
     return rollouts
 
 
-def grpo_loss_sum(model, batch, args):
-    """The GRPO loss of one rolled-out micro-batch, summed over what count_grpo counts, and TRL's
+def grpo_loss(model, batch, args):
+    """The GRPO loss of one rolled-out micro-batch, summed over its completions, and TRL's
     metrics. Per token: -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) + beta * k3 KL, with
-    ratio = pi / pi_old; --loss-type says how the token losses are averaged."""
-    logps = completion_logps(model, batch, args.temperature)
-    old_logps = logps.detach() if batch["old_logps"] is None else batch["old_logps"]
-    mask, L = batch["completion_mask"], args.max_completion_length
-    loss, metrics = grpo_loss(logps, old_logps, batch["ref_logps"], batch["advantages"], mask, clip_eps=args.clip_eps,
-                              beta=args.beta, loss_type=args.loss_type, max_completion_length=L,
-                              num_items=1 if args.loss_type == "dapo" else None)
-    N = mask.shape[0]  # undo grpo_loss's mean over this micro-batch: train() divides by the whole step's count
-    loss_sum = loss * {"grpo": N, "dr_grpo": N * L}.get(args.loss_type, 1)
+    ratio = pi / pi_old; each completion's token losses are averaged (the paper's form)."""
+    logps, entropy = completion_logps(model, batch, args.temperature)
+    mask, A = batch["completion_mask"], batch["advantages"].unsqueeze(1)
+    old = logps.detach() if batch["old_logps"] is None else batch["old_logps"]
+    # replace, don't multiply: 0 * inf is NaN, and where() sends no gradient to what it drops
+    logps, old = torch.where(mask, logps, 0.0), torch.where(mask, old, 0.0)
+    ratio = torch.exp(logps - old)
+    clipped = torch.clamp(ratio, 1 - args.clip_eps, 1 + args.clip_eps)
+    per_token = -torch.min(ratio * A, clipped * A)  # the clip takes away the gain, never the loss
     tokens = mask.sum()
-    return loss_sum, {**{name: (value * tokens, tokens) for name, value in metrics.items()}, **batch["metrics"]}
+    low = ((ratio < 1 - args.clip_eps) & (A < 0) & mask).sum()  # clipped: no gradient
+    high = ((ratio > 1 + args.clip_eps) & (A > 0) & mask).sum()
+    metrics = {"clip_ratio/low_mean": (low, tokens), "clip_ratio/high_mean": (high, tokens),
+               "clip_ratio/region_mean": (low + high, tokens),
+               "entropy": (torch.where(mask, entropy, 0.0).sum(), tokens)}
+    if args.grpo_beta > 0:
+        d = torch.where(mask, batch["ref_logps"], 0.0) - logps
+        kl = torch.expm1(d) - d  # k3 = exp(d) - d - 1 >= 0, without exp(d) - 1's cancellation
+        per_token = per_token + args.grpo_beta * kl
+        metrics["kl"] = (torch.where(mask, kl, 0.0).sum(), tokens)
+    losses = torch.where(mask, per_token, 0.0).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+    return losses.sum(), {**metrics, **batch["metrics"]}
 
 
-def count_grpo(batch, args):
-    """What the GRPO loss is averaged over: completions (grpo), completions * L (dr_grpo),
-    completion tokens (dapo), or micro-batches (bnpo: a mean of micro-batch means, as TRL)."""
-    mask = batch["completion_mask"]
-    if args.loss_type == "dapo":
-        return mask.sum()
-    return torch.tensor({"grpo": mask.shape[0], "dr_grpo": mask.shape[0] * args.max_completion_length,
-                         "bnpo": 1}[args.loss_type], device=mask.device)
+def count_completions(batch):
+    """GRPO averages its loss over completions; the tokens it trains are theirs."""
+    return torch.tensor(len(batch["completion_mask"])), batch["completion_mask"].sum()
 
 
 def forever(loader, position):
@@ -422,11 +389,110 @@ def forever(loader, position):
         position["epoch"], position["batch_in_epoch"] = position["epoch"] + 1, 0
 
 
+def to_device(batch, device):
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def sharded_loader(dataset, collate, args):
+    """This rank's own 1/world_size of every epoch (one process: the whole epoch), reshuffled at
+    each epoch. The loader's own generator keeps epoch starts off the global RNG (exact resume)."""
+    sampler = DistributedSampler(dataset, num_replicas=args.world_size, rank=args.rank,
+                                 shuffle=True, seed=args.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True, collate_fn=collate,
+        generator=torch.Generator().manual_seed(args.seed))
+    if len(loader) == 0:  # or forever() would spin without end
+        raise ValueError(f"each of the {args.world_size} process(es) gets {len(sampler)} training "
+                         f"items, fewer than one --batch-size {args.batch_size}; lower it")
+    return loader
+
+
+def start_fresh(folder, args):
+    """Rank 0, under the lock: remove what killed runs left half-written in folder and, unless
+    resuming, an earlier run's checkpoints (or a later --resume could pick them up)."""
+    checkpoints = os.path.join(folder, "checkpoints")
+    if args.rank == 0:
+        remove_stale_temporaries(folder, checkpoints)
+        if not args.resume and os.path.isdir(checkpoints):
+            print(f"starting fresh: removing the previous run's checkpoints in {checkpoints}")
+            shutil.rmtree(checkpoints)
+
+
+def rng_state():
+    """The global RNG a step may draw from (the loader and sampler have their own generators)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(folder, step, state, keep_last):
+    """folder/step_XXXXXX/ with state.pt and its SHA-256. Both are written into a temporary
+    folder, flushed to the disk, and only then is the folder renamed into place: a crash or a
+    full disk mid-save leaves the previous checkpoint the newest complete one."""
+    final = os.path.join(folder, f"step_{step:06d}")
+    tmp = os.path.join(folder, f".tmp_step_{step:06d}")
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    try:
+        os.makedirs(tmp, exist_ok=True)
+        write_atomic(os.path.join(tmp, "state.pt"), lambda f: f.write(data))
+        digest = hashlib.sha256(data).hexdigest().encode()
+        write_atomic(os.path.join(tmp, "state.pt.sha256"), lambda f: f.write(digest))
+    except OSError as err:  # most often a full disk
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"could not write a checkpoint in {folder} ({err}); "
+                      "the previous checkpoint is intact") from None
+    shutil.rmtree(final, ignore_errors=True)  # the same step saved again after a fallback
+    os.replace(tmp, final)
+    for name in sorted(n for n in os.listdir(folder) if n.startswith("step_"))[:-keep_last]:
+        shutil.rmtree(os.path.join(folder, name))
+
+
+def load_latest(folder, keys):
+    """(path, state) of the newest checkpoint in folder that verifies: its checksum matches, it
+    loads with weights_only=True (tensors and plain containers, never pickled code), and it has
+    every one of keys. A damaged one is skipped with a warning that says why. (None, None) when
+    there is no checkpoint; an error when there are some and none verifies."""
+    names = sorted(n for n in os.listdir(folder) if n.startswith("step_")) \
+        if os.path.isdir(folder) else []
+    for name in reversed(names):
+        path = os.path.join(folder, name)
+        try:
+            with open(os.path.join(path, "state.pt"), "rb") as f:
+                data = f.read()
+            with open(os.path.join(path, "state.pt.sha256")) as f:
+                if f.read().strip() != hashlib.sha256(data).hexdigest():
+                    raise ValueError("its checksum does not match: the file is damaged")
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            missing = [key for key in keys if key not in state]
+            if missing:
+                raise ValueError(f"it has no {missing}")
+            return path, state
+        except Exception as err:  # noqa: BLE001 - anything unreadable means "try the one before"
+            warnings.warn(f"skipping checkpoint {path}: {err}", stacklevel=2)
+    if names:
+        raise ValueError(f"no checkpoint in {folder} could be loaded (see the warnings above); "
+                         "start fresh without --resume")
+    return None, None
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "step", "epoch", "batch_in_epoch",
+                   "skipped_steps", "stopped", "world_size", "rng")
+
+
 def checkpoint_state(model, optimizer, scheduler, scaler, progress, args, rollouts=None):
     """Everything a bitwise resume needs. Every rank's RNG states go in: ranks draw differently."""
     mine = rng_state()
-    if rollouts is not None:  # GRPO: this rank's sampling stream, and the rollout it may be reusing
-        mine["grpo"] = {"generator": args.generator.get_state(), **move(rollouts, "cpu")}
+    if rollouts is not None:  # GRPO: this rank's sampling stream, and the tokens generated
+        mine.update(sampler=args.generator.get_state(), num_tokens=rollouts["num_tokens"])
     rngs = [mine]
     if args.world_size > 1:
         rngs = [None] * args.world_size
@@ -437,8 +503,8 @@ def checkpoint_state(model, optimizer, scheduler, scaler, progress, args, rollou
 
 
 def resume(model, optimizer, scheduler, scaler, progress, args, rollouts=None):
-    """Load the newest checkpoint that loads (every rank reads it). Returns its step, or 0."""
-    path, state = load_latest(os.path.join(args.out, "checkpoints"))
+    """Load the newest checkpoint that verifies (every rank reads it). Returns its step, or 0."""
+    path, state = load_latest(os.path.join(args.out, "checkpoints"), CHECKPOINT_KEYS)
     if state is None:
         if args.rank == 0:
             print("--resume: no checkpoint yet, starting fresh")
@@ -446,11 +512,12 @@ def resume(model, optimizer, scheduler, scaler, progress, args, rollouts=None):
     if state["world_size"] != args.world_size:
         raise ValueError(f"{path} was written by {state['world_size']} process(es), this run has "
                          f"{args.world_size}: the data shards and RNG streams depend on it. Resume "
-                         f"with --nproc_per_node={state['world_size']}, or start fresh without --resume")
+                         f"with --nproc_per_node={state['world_size']}, or start fresh")
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
-        raise ValueError(f"{path} does not fit this model (different --n-layer/--n-embd?): {err}") from None
+        raise ValueError(f"{path} does not fit this model (another --n-layer/--n-embd?): "
+                         f"{err}") from None
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
@@ -458,83 +525,80 @@ def resume(model, optimizer, scheduler, scaler, progress, args, rollouts=None):
         progress[key] = state[key]
     set_rng_state(state["rng"][args.rank])
     if rollouts is not None:
-        grpo = state["rng"][args.rank]["grpo"]
-        args.generator.set_state(grpo.pop("generator"))
-        rollouts.update(move(grpo, args.device))
+        args.generator.set_state(state["rng"][args.rank]["sampler"])
+        rollouts["num_tokens"] = state["rng"][args.rank]["num_tokens"]
     if args.rank == 0:
         print(f"resumed from {path}")
     return state["step"]
 
 
-def open_log(args, resumed_step):
-    """metrics.jsonl, written by rank 0 only. A resumed run keeps the records up to its
-    checkpoint and drops the later ones, which it is about to redo."""
-    if args.rank != 0:
-        return open(os.devnull, "w")
-    path = os.path.join(args.out, "metrics.jsonl")
-    kept = []
-    if resumed_step and os.path.exists(path):
-        with open(path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resumed_step]
-    log = open(path, "w")
-    log.writelines(kept)
-    return log
-
-
 @torch.no_grad()
 def evaluate(model, loader, device, amp_dtype=None, loss_fn=sft_loss, count_fn=count_targets):
-    model.eval()
+    """The mean loss over a held-out loader."""
+    model.eval()  # dropout off: evaluation measures the model, not a random sub-network
     total, count = 0.0, 0
     for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = to_device(batch, device)
         with autocast(device, amp_dtype):
             loss_sum, _ = loss_fn(model, batch)
-        total, count = total + loss_sum.item(), count + count_fn(batch).item()
+        total, count = total + loss_sum.item(), count + count_fn(batch)[0].item()
     model.train()
+    if count == 0:
+        raise ValueError("the held-out set has no target tokens to score; check --eval-size")
+    if not math.isfinite(total / count):
+        raise FloatingPointError(f"the held-out loss is {total / count}; lower --lr")
     return total / count
 
 
-def train(model, optimizer, scheduler, train_loader, evaluate_fn, args, loss_fn=sft_loss, count_fn=count_targets,
-          rollout_fn=None):
+def train(model, optimizer, scheduler, train_loader, evaluate_fn, args,
+          loss_fn=sft_loss, count_fn=count_targets, rollout_fn=None):
     """The loop: forward, loss, backward, step. One metrics record per optimizer step, and an
     evaluation every --eval-every steps. Returns the last train and eval records.
+
+    loss_fn(model, batch) returns the loss summed over what count_fn(batch) counts, so the step's
+    loss is a mean over target tokens however the batch is padded, and metrics as (sum, count).
 
     Each step accumulates gradients over K micro-batches. Every micro-batch's summed loss is
     divided by the target tokens of the whole step, so the step's gradient is that of one big
     batch, however unequal the micro-batches' lengths (a mean of per-micro-batch means is not).
-    Under DDP the count is summed over ranks too, and since DDP averages gradients over the
+    Under DDP the counts are summed over ranks too, and since DDP averages gradients over the
     world_size ranks, each rank's loss is multiplied by world_size to turn that mean into a sum.
-    loss_fn and count_fn say what is trained: SFT over target tokens (the default), or DPO over
-    pairs. loss_fn also returns metrics as (sum, count), so they too average over the whole step.
     rollout_fn (GRPO) first turns the loader's prompts into scored completions; each batch of
     completions is trained on for --num-iterations steps before the next is sampled."""
     raw_model = model.module if isinstance(model, DDP) else model
     # fp16 has too little range for small gradients: scale the loss up, and the gradients back down
     scaler = torch.amp.GradScaler(args.device.type, enabled=args.amp_dtype == torch.float16)
-    progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_steps": 0}
-    rollouts = None if rollout_fn is None else {"micro": None, "uses": 0}  # GRPO: the batch being trained on
-    resumed_step = resume(raw_model, optimizer, scheduler, scaler, progress, args, rollouts) if args.resume else 0
-    log = open_log(args, resumed_step)
+    progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_steps": 0, "stopped": False}
+    rollouts = None if rollout_fn is None else {"micro": None, "uses": 0, "num_tokens": 0}
+    resumed_step = resume(raw_model, optimizer, scheduler, scaler, progress, args, rollouts) \
+        if args.resume else 0
+    # rank 0 writes the log; a resume keeps the records up to its checkpoint (rewritten whole)
+    log = MetricsLog(args.out, args.rank == 0, truncate_after=resumed_step or None)
+    path, record, eval_record = os.path.join(args.out, "metrics.jsonl"), None, None
+    if resumed_step and args.rank == 0:  # what a finished run reports when nothing is left
+        record, eval_record = ((read_metrics(path, split) or [None])[-1]
+                               for split in ("train", "eval"))
     batches = forever(train_loader, progress)
-    skipped_steps = progress["skipped_steps"]
+    skipped_steps, skipped_in_a_row = progress["skipped_steps"], 0
     model.train()
-    bar = tqdm(range(resumed_step + 1, args.max_steps + 1), desc="train", disable=None if args.rank == 0 else True)
+    bar = tqdm(range(resumed_step + 1, args.max_steps + 1), desc="train",
+               disable=None if args.rank == 0 else True)
     for step in bar:
-        start = time.perf_counter()
+        if progress["stopped"]:  # a resumed phase that had stopped early: nothing left to do
+            break
         if rollout_fn is None:
-            micro = [{k: v.to(args.device) for k, v in next(batches).items()} for _ in range(args.grad_accum_steps)]
-        else:
-            if rollouts["uses"] == args.num_iterations or rollouts["micro"] is None:  # time to sample afresh
-                prompts = [{k: v.to(args.device) if torch.is_tensor(v) else v for k, v in next(batches).items()}
+            micro = [to_device(next(batches), args.device) for _ in range(args.grad_accum_steps)]
+        else:  # GRPO: sample afresh, or train again on the last samples
+            if rollouts["micro"] is None or rollouts["uses"] == args.num_iterations:
+                prompts = [to_device(next(batches), args.device)
                            for _ in range(args.grad_accum_steps)]
-                rollouts["micro"], rollouts["uses"] = rollout_fn(prompts), 0
+                rollouts["micro"], rollouts["uses"] = rollout_fn(prompts, rollouts), 0
             micro, rollouts["uses"] = rollouts["micro"], rollouts["uses"] + 1
-        generation_seconds = time.perf_counter() - start
-        n_tokens = sum(count_fn(batch) for batch in micro)  # target tokens (SFT) or pairs (DPO)
-        if args.world_size > 1:
-            dist.all_reduce(n_tokens)  # the global count: every rank divides by the same number
-        loss_sum = torch.zeros((), device=args.device)
-        sums = {}  # loss_fn's metrics, e.g. DPO's rewards/margins: (sum, count) over the step
+        # the step's [loss count, tokens], known before any forward: every micro-batch divides by
+        # it. Summed over ranks by an all-reduce that runs while the first forward does
+        counts = sum(torch.stack(count_fn(batch)) for batch in micro)
+        counting = dist.all_reduce(counts, async_op=True) if args.world_size > 1 else None
+        loss_sum, sums = 0.0, {}
         optimizer.zero_grad(set_to_none=True)
         for i, batch in enumerate(micro):
             # all-reduce gradients only after the last micro-batch: the others just accumulate
@@ -542,63 +606,91 @@ def train(model, optimizer, scheduler, train_loader, evaluate_fn, args, loss_fn=
             with model.no_sync() if args.world_size > 1 and not last else nullcontext():
                 with autocast(args.device, args.amp_dtype):
                     part, metrics = loss_fn(model, batch)
-                scaler.scale(part * args.world_size / n_tokens).backward()
-            loss_sum += part.detach()
-            for name, (s, n) in metrics.items():
-                sums[name] = sums.get(name, 0) + torch.stack([s.float(), torch.tensor(float(n), device=args.device)])
-        if args.world_size > 1:
-            dist.all_reduce(loss_sum)
-            for total in sums.values():
-                dist.all_reduce(total)
-        loss = loss_sum / n_tokens
-        if not torch.isfinite(loss) and not scaler.is_enabled():
-            raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower --lr")
+                if counting is not None:
+                    counting.wait()  # the global counts, needed from here on
+                scaler.scale(part * (args.world_size / counts[0])).backward()
+            loss_sum = loss_sum + part.detach()
+            for name, (s, n) in metrics.items():  # summed over micro-batches, divided once
+                total = torch.stack([s.detach().float(), torch.as_tensor(n).float()])
+                sums[name] = sums.get(name, 0) + total
+        # everything logged, summed over ranks by one all-reduce that runs during the update
+        logged = torch.cat([loss_sum.reshape(1), *sums.values()])
+        logging = dist.all_reduce(logged, async_op=True) if args.world_size > 1 else None
         scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)  # the pre-clip norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        if not torch.isfinite(grad_norm) and not scaler.is_enabled():
+            # stop before a NaN or inf reaches the weights (with fp16, the scaler skips the step)
+            raise FloatingPointError(f"step {step}: the gradient norm is {grad_norm.item()}; "
+                                     "lower --lr")
         lr = scheduler.get_last_lr()[0]
         scale_before = scaler.get_scale()
         scaler.step(optimizer)  # skips the step if any gradient is inf or NaN
         scaler.update()
-        skipped_steps += scaler.get_scale() < scale_before  # a skipped step lowers the scale
+        skipped = scaler.get_scale() < scale_before  # a skipped step lowers the scale
+        skipped_steps += skipped
+        skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
+        if skipped_in_a_row == 10:  # not an overflow that a lower scale fixes: the run diverged
+            raise FloatingPointError(f"step {step}: the last 10 steps had inf/NaN gradients at "
+                                     "every loss scale and were skipped; lower --lr or use bf16")
         scheduler.step()
         progress["step"], progress["skipped_steps"] = step, skipped_steps
 
-        record = {"step": step, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
-                  "tokens": int(n_tokens), "skipped_steps": skipped_steps}
-        for name, total in sums.items():
-            s, n = total.tolist()
-            record[name] = s / n
-        if rollout_fn is not None:  # sampling is most of a GRPO step's time on a small model
-            record["generation_fraction"] = generation_seconds / (time.perf_counter() - start)
-        log.write(json.dumps(record) + "\n")
+        if logging is not None:
+            logging.wait()
+        record = {"step": step, "loss": float(logged[0] / counts[0]), "lr": lr,
+                  "grad_norm": grad_norm.item(), "tokens": int(counts[1]),
+                  "loss_count": int(counts[0])}
+        record.update({name: float(s) / float(n)
+                       for name, (s, n) in zip(sums, logged[1:].view(-1, 2))})
+        if scaler.is_enabled():
+            record["skipped_steps"] = skipped_steps
+        if rollouts is not None:
+            record["num_tokens"] = rollouts["num_tokens"]  # generated so far, prompts included
+        log.write(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}")
         if step % args.eval_every == 0 or step == args.max_steps:
             eval_record = {"step": step, "split": "eval", **evaluate_fn()}
-            log.write(json.dumps(eval_record) + "\n")
+            log.write(eval_record)
             if args.rank == 0:
-                tqdm.write(f"step {step}: train loss {record['loss']:.4f}, "
-                           + ", ".join(f"eval {k} {v:.4f}" for k, v in eval_record.items() if k not in ("step", "split")))
-        if step % args.save_every == 0 or step == args.max_steps:
-            state = checkpoint_state(raw_model, optimizer, scheduler, scaler, progress, args, rollouts)
+                tqdm.write(f"step {step}: train loss {record['loss']:.4f}, " + ", ".join(
+                    f"eval {k} {v:.4f}" for k, v in eval_record.items()
+                    if k not in ("step", "split")))
+            # the SFT phase ends early at a weak start: the first evaluation at the target
+            progress["stopped"] = eval_record["accuracy"] >= args.stop_accuracy
+        if step % args.save_every == 0 or step == args.max_steps or progress["stopped"]:
+            state = checkpoint_state(raw_model, optimizer, scheduler, scaler, progress, args,
+                                     rollouts)
             if args.rank == 0:
-                log.flush()  # the records up to this checkpoint must survive a crash
-                save_checkpoint(os.path.join(args.out, "checkpoints"), step, state, keep_last=args.keep_last)
+                save_checkpoint(os.path.join(args.out, "checkpoints"), step, state, args.keep_last)
             if args.world_size > 1:
                 dist.barrier()  # nobody runs ahead while the checkpoint is being written
         if step == args.crash_at_step and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" \
                 and args.rank == args.world_size - 1:
             os.kill(os.getpid(), signal.SIGKILL)  # a hard crash: no cleanup, no goodbye
+        if progress["stopped"]:
+            break
     log.close()
-    if resumed_step >= args.max_steps:  # resumed from the final checkpoint: nothing left to do
-        return None, None
     return record, eval_record
+
+
+def write_atomic(path, write):
+    """Write a file under a temporary name, flush it to the disk, then rename it into place: a
+    crash leaves the old file or the new one, never half of one."""
+    with open(path + ".tmp", "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
 
 
 def main(argv=None):
     args = get_args(argv)
-    args.rank, args.world_size, args.device = setup_distributed(pick_device(args.device))
+    args.rank, args.world_size, args.device = setup_distributed(resolve_device(args.device))
+    os.makedirs(args.out, exist_ok=True)
     try:
-        summary = run(args)
+        # one run per folder: rank 0, the writer, holds a lock on --out for the whole run
+        with locked(args.out if args.rank == 0 else None):
+            summary = run(args)
     except BaseException:
         if dist.is_initialized():
             dist.destroy_process_group()  # no barrier: the other ranks may be gone
@@ -610,41 +702,32 @@ def main(argv=None):
 
 
 def run(args):
-    args.amp_dtype = amp_dtype_for(args.amp, args.device)
+    args.amp_dtype = resolve_amp_dtype(args.device, amp_dtype=args.amp)  # auto: fp32 on CPU
     torch.manual_seed(args.seed)
+    for phase in ("sft", ""):  # the SFT phase's folder, and DPO's
+        start_fresh(os.path.join(args.out, phase), args)
     os.makedirs(os.path.join(args.out, "sft"), exist_ok=True)
-    for out in (os.path.join(args.out, "sft"), args.out):  # the SFT phase's checkpoints, and DPO's
-        if not args.resume and args.rank == 0 and os.path.isdir(os.path.join(out, "checkpoints")):
-            print(f"starting fresh: removing the previous run's checkpoints in {out}/checkpoints")
-            shutil.rmtree(os.path.join(out, "checkpoints"))  # or a later --resume could pick them up
 
     # data: disjoint train and held-out problems, right-padded batches, labels only on the answer
     tok = CharTokenizer()
-    train_problems, eval_problems = make_addition_splits(args.digits, args.eval_size, seed=args.seed)
+    train_problems, eval_problems = make_addition_splits(args.digits, args.eval_size,
+                                                         seed=args.seed)
     collate = SFTCollator(tok.pad_id)
-    # each rank trains on its own 1/world_size of every epoch (one process: the whole epoch);
-    # the loader's own generator keeps epoch starts from drawing on the global RNG (exact resume)
-    train_set = SFTDataset(train_problems, tok)
-    sampler = DistributedSampler(train_set, num_replicas=args.world_size, rank=args.rank, shuffle=True,
-                                 seed=args.seed, drop_last=True)
-    train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler,
-                                               drop_last=True, collate_fn=collate,
-                                               generator=torch.Generator().manual_seed(args.seed))
-    val_loader = torch.utils.data.DataLoader(SFTDataset(eval_problems, tok), batch_size=256, collate_fn=collate)
-    if len(train_loader) == 0:  # or forever() would spin without end
-        raise ValueError(f"each of the {args.world_size} process(es) gets {len(sampler)} training problems, "
-                         f"fewer than one --batch-size {args.batch_size}; lower --batch-size")
+    train_loader = sharded_loader(SFTDataset(train_problems, tok), collate, args)
+    val_loader = torch.utils.data.DataLoader(SFTDataset(eval_problems, tok), batch_size=256,
+                                             collate_fn=collate)
 
     # model, optimizer and learning-rate schedule
     cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=4 * args.digits + 4,
                     n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     model = TinyGPT(cfg).to(args.device)
-    optimizer = configure_optimizer(model, "adamw", lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = configure_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, args.warmup_steps, args.sft_steps))
     if args.rank == 0:
-        print(f"TinyGPT: {model.num_parameters():,} parameters on {args.device} x {args.world_size} "
-              f"process(es); {len(train_problems)} train / {len(eval_problems)} held-out problems")
+        print(f"TinyGPT: {model.num_parameters():,} parameters on {args.device} x "
+              f"{args.world_size} process(es); {len(train_problems)} train / "
+              f"{len(eval_problems)} held-out problems")
     # DDP broadcasts rank 0's weights at construction and all-reduces gradients in backward
     train_model = DDP(model) if args.world_size > 1 else model
 
@@ -652,133 +735,101 @@ def run(args):
         return {"loss": evaluate(model, val_loader, args.device, args.amp_dtype),
                 "accuracy": exact_match(model, eval_problems, tok, device=args.device)}
 
-    # phase 1, SFT to a weak start, in DIR/sft; with --resume it stops at once if already complete.
-    # --crash-at-step counts DPO steps
+    # phase 1, SFT to a weak start, in DIR/sft (--crash-at-step counts DPO steps)
     sft_args = argparse.Namespace(**{**vars(args), "out": os.path.join(args.out, "sft"),
-                                     "max_steps": args.sft_steps, "crash_at_step": None})
+                                     "max_steps": args.sft_steps, "crash_at_step": None,
+                                     "stop_accuracy": args.sft_target})
     start = time.perf_counter()
-    train(train_model, optimizer, scheduler, train_loader, evaluate_fn, sft_args)
+    sft_record, _ = train(train_model, optimizer, scheduler, train_loader, evaluate_fn, sft_args)
     sft_seconds = time.perf_counter() - start
-    if args.method == "grpo":
-        return run_grpo(args, model, train_model, tok, train_problems, eval_problems, evaluate_fn, cfg, sft_seconds)
 
-    # phase 2, DPO: pairs of one prompt with the right sum (chosen) and a plausible wrong one
+    # phase 2, DPO, from the SFT model; evaluated for exact match as phase 1 was
+    eval_accuracy_sft = exact_match(model, eval_problems, tok, device=args.device)  # the start
+    args.stop_accuracy = math.inf
     start = time.perf_counter()
+    phase = grpo_phase if args.method == "grpo" else dpo_phase
+    record, eval_record, results = phase(args, model, train_model, tok, train_problems,
+                                         eval_problems, evaluate_fn)
+    phase_seconds = time.perf_counter() - start
+    if args.rank != 0:  # only rank 0 writes files
+        return None
+
+    write_atomic(os.path.join(args.out, "model.pt"),
+                 lambda f: torch.save({"model": model.state_dict(), "config": vars(cfg)}, f))
+    summary = {"eval_accuracy": eval_record["accuracy"], "eval_loss": eval_record["loss"],
+               "final_loss": record["loss"], "steps": record["step"],
+               "train_seconds": sft_seconds + phase_seconds,
+               "parameters": model.num_parameters(), "eval_accuracy_sft": eval_accuracy_sft,
+               f"eval_accuracy_{args.method}": eval_record["accuracy"], **results,
+               "sft_steps": sft_record["step"], "sft_seconds": sft_seconds,
+               f"{args.method}_seconds": phase_seconds}
+    write_atomic(os.path.join(args.out, "summary.json"),
+                 lambda f: f.write(json.dumps(summary, indent=2).encode()))
+    print(f"held-out exact match {eval_accuracy_sft:.3f} after SFT -> "
+          f"{summary['eval_accuracy']:.3f} after {summary['steps']} {args.method} steps "
+          f"({phase_seconds:.1f} s); wrote {args.out}")
+    return summary
+
+
+def dpo_phase(args, model, train_model, tok, train_problems, eval_problems, evaluate_fn):
+    """DPO on pairs of one prompt with the right sum (chosen) and a plausible wrong one, against
+    a frozen copy of the model. Returns the last train and eval records, and the held-out
+    preference accuracy before and after."""
     args.pad_id = tok.pad_id
-    collate_pairs_fn = collate_pairs(tok.pad_id)
-    train_pairs = PreferenceDataset(train_problems, tok, seed=args.seed)
-    val_pairs = PreferenceDataset(eval_problems, tok, seed=args.seed)
-    # the reference: a frozen copy of the SFT model (eval(): no dropout; no gradients)
+    pair_collate = PreferenceCollator(tok.pad_id)
+    pair_loader = sharded_loader(PreferenceDataset(train_problems, tok, seed=args.seed),
+                                 pair_collate, args)
+    val_pairs = torch.utils.data.DataLoader(PreferenceDataset(eval_problems, tok, seed=args.seed),
+                                            batch_size=256, collate_fn=pair_collate)
+    # the reference: a frozen copy of the SFT model. eval() turns its dropout off; the policy's
+    # is 0 too (GPTConfig.dropout), or noise would move even the first loss away from ln 2
     ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-    if args.precompute_ref_logps:
-        train_pairs = WithRefLogps(train_pairs, ref_model, collate_pairs_fn, args.batch_size, args)
-        val_pairs = WithRefLogps(val_pairs, ref_model, collate_pairs_fn, 256, args)
-        ref_model = None  # every log-prob it would give is in the data now: free it
-    pair_sampler = DistributedSampler(train_pairs, num_replicas=args.world_size, rank=args.rank, shuffle=True,
-                                      seed=args.seed, drop_last=True)
-    pair_loader = torch.utils.data.DataLoader(train_pairs, batch_size=args.batch_size, sampler=pair_sampler,
-                                              drop_last=True, collate_fn=collate_pairs_fn,
-                                              generator=torch.Generator().manual_seed(args.seed))
-    val_pair_loader = torch.utils.data.DataLoader(val_pairs, batch_size=256, collate_fn=collate_pairs_fn)
-    dpo_optimizer = configure_optimizer(model, "adamw", lr=args.dpo_lr, weight_decay=args.weight_decay)
-    dpo_scheduler = torch.optim.lr_scheduler.LambdaLR(
-        dpo_optimizer, lambda step: lr_multiplier(step, args.dpo_warmup_steps, args.max_steps))
+    optimizer = configure_optimizer(model, lr=args.dpo_lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, args.dpo_warmup_steps, args.max_steps))
 
     def dpo_loss_fn(model, batch):
         return dpo_loss(model, ref_model, batch, args)
 
     def evaluate_pairs():
-        return {"loss": evaluate(model, val_pair_loader, args.device, args.amp_dtype, dpo_loss_fn, count_pairs),
+        return {"loss": evaluate(model, val_pairs, args.device, args.amp_dtype, dpo_loss_fn,
+                                 count_pairs),
                 "accuracy": exact_match(model, eval_problems, tok, device=args.device),
-                "pref_accuracy": preference_accuracy(model, val_pair_loader, device=args.device)}
+                "pref_accuracy": preference_accuracy(model, val_pairs, args)}
 
-    eval_accuracy_sft = exact_match(model, eval_problems, tok, device=args.device)  # the starting point
-    pref_accuracy_sft = preference_accuracy(model, val_pair_loader, device=args.device)
-    record, eval_record = train(train_model, dpo_optimizer, dpo_scheduler, pair_loader, evaluate_pairs, args,
-                                loss_fn=dpo_loss_fn, count_fn=count_pairs)
-    dpo_seconds = time.perf_counter() - start
-    train_seconds = sft_seconds + dpo_seconds
-    if record is None:
-        if args.rank == 0:
-            print(f"the newest checkpoint is already at --max-steps {args.max_steps}: nothing to do")
-        with open(os.path.join(args.out, "summary.json")) as f:
-            return json.load(f)
-    if args.rank != 0:  # only rank 0 writes files
-        return None
-
-    # save the final model atomically: write a temporary file, then rename it into place
-    path = os.path.join(args.out, "model.pt")
-    torch.save({"model": model.state_dict(), "config": vars(cfg)}, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    summary = {"eval_accuracy": eval_record["accuracy"], "eval_loss": eval_record["loss"],
-               "final_loss": record["loss"], "steps": record["step"], "train_seconds": train_seconds,
-               "parameters": model.num_parameters(),
-               "eval_accuracy_sft": eval_accuracy_sft, "eval_accuracy_dpo": eval_record["accuracy"],
-               "pref_accuracy_sft": pref_accuracy_sft, "pref_accuracy_dpo": eval_record["pref_accuracy"],
-               "sft_steps": args.sft_steps, "sft_seconds": sft_seconds, "dpo_seconds": dpo_seconds}
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    print(f"held-out exact match {eval_accuracy_sft:.3f} -> {summary['eval_accuracy']:.3f} and preference "
-          f"accuracy {pref_accuracy_sft:.3f} -> {summary['pref_accuracy_dpo']:.3f} after {summary['steps']} DPO "
-          f"steps ({dpo_seconds:.1f} s of DPO); wrote {args.out}/metrics.jsonl and summary.json")
-    return summary
+    pref_accuracy_sft = preference_accuracy(model, val_pairs, args)
+    record, eval_record = train(train_model, optimizer, scheduler, pair_loader, evaluate_pairs,
+                                args, loss_fn=dpo_loss_fn, count_fn=count_pairs)
+    return record, eval_record, {"pref_accuracy_sft": pref_accuracy_sft,
+                                 "pref_accuracy_dpo": eval_record["pref_accuracy"]}
 
 
-def run_grpo(args, model, train_model, tok, train_problems, eval_problems, evaluate_fn, cfg, sft_seconds):
-    """Phase 2, GRPO: the model samples G answers to each prompt, and learns from how they score."""
-    start = time.perf_counter()
+
+def grpo_phase(args, model, train_model, tok, train_problems, eval_problems, evaluate_fn):
+    """GRPO: the model samples G answers to each prompt, and learns from how they score.
+    Returns the last train and eval records, and nothing more for the summary."""
     args.tok, args.eos_id, args.pad_id = tok, tok.eos_id, tok.pad_id
     if args.max_completion_length is None:
-        args.max_completion_length = args.digits + 2  # the longest sum, plus its end token
-    # the rewards: a program checks the answer (no reward model), optionally also its form
-    args.reward_fns = [(correctness_reward, 1.0)]
-    if args.format_reward_weight > 0:
-        args.reward_fns.append((format_reward, args.format_reward_weight))
+        args.max_completion_length = args.digits + 2  # the longest sum, and its end token
     # prompts only, left-padded for generation: a micro-batch of --batch-size prompts becomes
     # --batch-size * G completions, and each prompt's G samples are made (and stay) on one rank
-    prompt_set = PromptDataset(train_problems, tok)
-    prompt_sampler = DistributedSampler(prompt_set, num_replicas=args.world_size, rank=args.rank, shuffle=True,
-                                        seed=args.seed, drop_last=True)
-    prompt_loader = torch.utils.data.DataLoader(prompt_set, batch_size=args.batch_size, sampler=prompt_sampler,
-                                                drop_last=True, collate_fn=PromptCollator(tok.pad_id),
-                                                generator=torch.Generator().manual_seed(args.seed))
-    # sampling draws from its own stream, one per rank: otherwise every rank samples the same tokens
+    prompt_loader = sharded_loader(PromptDataset(train_problems, tok), PromptCollator(tok.pad_id),
+                                   args)
+    # sampling draws from its own stream, one per rank: otherwise every rank draws alike
     args.generator = torch.Generator(args.device).manual_seed(args.seed + args.rank)
     # the reference for the KL penalty: a frozen copy of the SFT model, only when beta > 0
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None
-    grpo_optimizer = configure_optimizer(model, "adamw", lr=args.grpo_lr, weight_decay=args.weight_decay)
-    grpo_scheduler = torch.optim.lr_scheduler.LambdaLR(
-        grpo_optimizer, lambda step: lr_multiplier(step, args.grpo_warmup_steps, args.max_steps))
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.grpo_beta > 0 else None
+    optimizer = configure_optimizer(model, lr=args.grpo_lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, args.grpo_warmup_steps, args.max_steps))
 
-    def rollout_fn(prompts):
-        return roll_out(model, ref_model, prompts, args)  # the unwrapped model: sampling needs no DDP
+    def rollout_fn(prompts, state):
+        return roll_out(model, ref_model, prompts, args, state)  # sampling needs no DDP wrapper
 
-    eval_accuracy_sft = exact_match(model, eval_problems, tok, device=args.device)  # the starting point
-    record, eval_record = train(train_model, grpo_optimizer, grpo_scheduler, prompt_loader, evaluate_fn, args,
-                                loss_fn=lambda model, batch: grpo_loss_sum(model, batch, args),
-                                count_fn=lambda batch: count_grpo(batch, args), rollout_fn=rollout_fn)
-    grpo_seconds = time.perf_counter() - start
-    if record is None:
-        if args.rank == 0:
-            print(f"the newest checkpoint is already at --max-steps {args.max_steps}: nothing to do")
-        with open(os.path.join(args.out, "summary.json")) as f:
-            return json.load(f)
-    if args.rank != 0:  # only rank 0 writes files
-        return None
-
-    path = os.path.join(args.out, "model.pt")
-    torch.save({"model": model.state_dict(), "config": vars(cfg)}, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    summary = {"eval_accuracy": eval_record["accuracy"], "eval_loss": eval_record["loss"],
-               "final_loss": record["loss"], "steps": record["step"], "train_seconds": sft_seconds + grpo_seconds,
-               "parameters": model.num_parameters(),
-               "eval_accuracy_sft": eval_accuracy_sft, "eval_accuracy_grpo": eval_record["accuracy"],
-               "sft_steps": args.sft_steps, "sft_seconds": sft_seconds, "grpo_seconds": grpo_seconds}
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    print(f"held-out exact match {eval_accuracy_sft:.3f} -> {summary['eval_accuracy']:.3f} after {summary['steps']} "
-          f"GRPO steps ({grpo_seconds:.1f} s of GRPO); wrote {args.out}/metrics.jsonl and summary.json")
-    return summary
+    record, eval_record = train(train_model, optimizer, scheduler, prompt_loader, evaluate_fn,
+                                args, loss_fn=lambda model, batch: grpo_loss(model, batch, args),
+                                count_fn=count_completions, rollout_fn=rollout_fn)
+    return record, eval_record, {}
 
 
 if __name__ == "__main__":
