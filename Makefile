@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench notebooks clean
+.PHONY: run test lint bench notebooks docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,9 +19,7 @@ run: $(STAMP)
 	@echo "summary: runs/01_loop/summary.json  plot: runs/01_loop/curves.png"
 
 test: $(STAMP)  ## its wall time goes to runs/make_test.json, which `make bench` reports
-	@start=$$(date +%s); $(PY) -m pytest -q --nbval tests tutorial; status=$$?; \
-	  mkdir -p runs; echo "{\"seconds\": $$(( $$(date +%s) - start )), \"exit_status\": $$status, \"date\": \"$$(date -u +%FT%TZ)\"}" > runs/make_test.json; \
-	  exit $$status
+	$(PY) benchmarks/timed.py runs/make_test.json -- $(PY) -m pytest -q --nbval tests tutorial
 
 lint: $(STAMP)  ## ruff: pyflakes, pycodestyle, lines of at most 100 characters
 	$(VENV)/bin/ruff check .
@@ -32,6 +30,11 @@ bench: $(STAMP)  ## measured ratios and chapter runs -> benchmarks/results.json 
 notebooks: $(STAMP)  ## re-execute every notebook in place (after changing a chapter)
 	for nb in tutorial/*/*.ipynb; do \
 	  $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace "$$nb" || exit 1; done
+
+docs: $(STAMP)  ## the README's plots, docs/NN_*.png: every notebook run with WRITE_DOCS=1
+	for nb in tutorial/*/*.ipynb; do \
+	  WRITE_DOCS=1 $(VENV)/bin/jupyter nbconvert --to notebook --execute --stdout "$$nb" >/dev/null \
+	    || exit 1; done
 
 clean:
 	rm -rf runs .pytest_cache

@@ -6,4 +6,5 @@ from .optimizer import configure_optimizer
 from .sft import SFTTrainer
 from .trainer import Trainer
 
-__all__ = ["Trainer", "SFTTrainer", "DPOTrainer", "GRPOTrainer", "configure_optimizer", "TinyGPT", "GPTConfig"]
+__all__ = ["Trainer", "SFTTrainer", "DPOTrainer", "GRPOTrainer", "configure_optimizer", "TinyGPT",
+           "GPTConfig"]

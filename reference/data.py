@@ -91,7 +91,8 @@ class SFTDataset(torch.utils.data.Dataset):
 
     def __init__(self, problems, tokenizer: CharTokenizer):
         if len(problems) == 0:
-            raise ValueError("SFTDataset got an empty list of problems; make the train split larger")
+            raise ValueError("SFTDataset got an empty list of problems; "
+                             "make the train split larger")
         self.problems, self.tok = list(problems), tokenizer
         self.items = [self.encode(p) for p in self.problems]
 
@@ -155,7 +156,8 @@ def exact_match(model, problems, tokenizer: CharTokenizer, batch_size=256, devic
     for start in range(0, len(problems), batch_size):
         chunk = problems[start:start + batch_size]
         ids, mask = left_pad([tokenizer.encode(p.prompt) for p in chunk], tokenizer.pad_id)
-        out = model.generate(ids.to(device), mask.to(device), max_new_tokens=max_answer_tokens(digits),
+        out = model.generate(ids.to(device), mask.to(device),
+                             max_new_tokens=max_answer_tokens(digits),
                              eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
         for p, row in zip(chunk, out.tolist()):
             correct += row.count(tokenizer.eos_id) > 0 and tokenizer.decode(row) == p.answer
@@ -202,7 +204,8 @@ class PreferenceDataset(torch.utils.data.Dataset):
 
     def __init__(self, problems, tokenizer: CharTokenizer, seed=0):
         if len(problems) == 0:
-            raise ValueError("PreferenceDataset got an empty list of problems; make the train split larger")
+            raise ValueError("PreferenceDataset got an empty list of problems; "
+                             "make the train split larger")
         self.problems, self.tok = list(problems), tokenizer
         rng = random.Random(seed)
         self.rejected = [rejected_answer(p, rng) for p in self.problems]
@@ -241,7 +244,8 @@ class PromptDataset(torch.utils.data.Dataset):
 
     def __init__(self, problems, tokenizer):
         if len(problems) == 0:
-            raise ValueError("PromptDataset got an empty list of problems; make the train split larger")
+            raise ValueError("PromptDataset got an empty list of problems; "
+                             "make the train split larger")
         self.problems = list(problems)
         self.prompt_ids = [tokenizer.encode(p.prompt) for p in self.problems]
 
@@ -265,4 +269,5 @@ class PromptCollator:
     def __call__(self, items):
         ids, mask = left_pad([it["prompt_ids"] for it in items], self.pad_id)
         return {"prompt_input_ids": ids, "prompt_attention_mask": mask,
-                "prompts": [it["prompt"] for it in items], "problems": [it["problem"] for it in items]}
+                "prompts": [it["prompt"] for it in items],
+                "problems": [it["problem"] for it in items]}

@@ -79,7 +79,8 @@ def dpo_metrics(chosen_rewards, rejected_rewards, policy_chosen_logps, policy_re
     Sums, not means: the trainer adds them over micro-batches and ranks and divides once, so
     the logged mean does not depend on how the step's pairs were split."""
     n = chosen_rewards.numel()
-    chosen_rewards, rejected_rewards = chosen_rewards.detach().float(), rejected_rewards.detach().float()
+    chosen_rewards, rejected_rewards = (chosen_rewards.detach().float(),
+                                        rejected_rewards.detach().float())
     return {
         "rewards/chosen": (chosen_rewards.sum(), n),
         "rewards/rejected": (rejected_rewards.sum(), n),
@@ -124,7 +125,8 @@ def check_dpo_batch(batch):
         check_batch(batch, keys, "DPO")
     B = batch["chosen_input_ids"].shape[0]
     if batch["rejected_input_ids"].shape[0] != B:
-        raise ValueError(f"DPO batch has {B} chosen rows but {batch['rejected_input_ids'].shape[0]} "
+        raise ValueError(f"DPO batch has {B} chosen rows but "
+                         f"{batch['rejected_input_ids'].shape[0]} "
                          "rejected rows; each pair needs one of each")
     for key in ("ref_chosen_logps", "ref_rejected_logps"):
         if key in batch and tuple(batch[key].shape) != (B,):
@@ -132,14 +134,17 @@ def check_dpo_batch(batch):
                              f"expected [B] = ({B},), one log-prob per pair")
     for side in ("chosen", "rejected"):
         # label 0 is never predicted (nothing comes before it), hence the shift
-        empty = ((batch[f"{side}_labels"][:, 1:] != -100).sum(dim=1) == 0).nonzero().flatten().tolist()
+        empty = ((batch[f"{side}_labels"][:, 1:] != -100).sum(dim=1)
+                 == 0).nonzero().flatten().tolist()
         if empty:
-            raise ValueError(f"DPO batch row {empty[0]} of {side + '_labels'!r} is a completion with "
+            raise ValueError(f"DPO batch row {empty[0]} of {side + '_labels'!r} "
+                             "is a completion with "
                              "no tokens (every label is -100), so it has no log-prob to compare; "
                              "label the completion tokens, or drop the pair")
     ids, labels, mask = concat_pairs(batch, pad_id=0)
     ids = ids * mask  # padding may differ in value; only real tokens decide whether two rows match
-    same = (ids[:B] == ids[B:]).all(1) & (labels[:B] == labels[B:]).all(1) & (mask[:B] == mask[B:]).all(1)
+    same = ((ids[:B] == ids[B:]).all(1) & (labels[:B] == labels[B:]).all(1)
+            & (mask[:B] == mask[B:]).all(1))
     if same.any():
         warnings.warn(f"{int(same.sum())} of {B} DPO pairs have identical chosen and rejected "
                       "sequences: they add no gradient but still count in the mean; check the "
@@ -205,7 +210,8 @@ class ReferenceLogps:
             positions = torch.arange(1, labels.shape[1] + 1, device=labels.device)
             lengths = ((labels != -100) * positions).amax(dim=1).tolist()
             ids, labels = batch[f"{side}_input_ids"].tolist(), labels.tolist()
-            sides.append([(tuple(i[:n]), tuple(l[:n])) for i, l, n in zip(ids, labels, lengths)])
+            sides.append([(tuple(i[:n]), tuple(l[:n]))
+                          for i, l, n in zip(ids, labels, lengths)])  # noqa: E741
         return list(zip(*sides))
 
     def add(self, batch, chosen_logps, rejected_logps):
@@ -252,18 +258,20 @@ class DPOTrainer(Trainer):
         # check before the Trainer joins a process group or moves anything
         check_dpo_options(beta, loss_type, label_smoothing)
         if rpo_alpha is not None and not rpo_alpha >= 0:
-            raise ValueError(f"rpo_alpha must be >= 0 (the weight of the chosen completion's NLL; the RPO "
-                             f"paper uses 1.0), or None for plain DPO; got {rpo_alpha}")
+            raise ValueError(f"rpo_alpha must be >= 0 (the weight of the chosen completion's NLL; "
+                             f"the RPO paper uses 1.0), or None for plain DPO; got {rpo_alpha}")
         if ref_model is model:
-            raise ValueError("ref_model is the policy itself; it must be a frozen copy of the starting "
-                             "policy: ref_model=copy.deepcopy(model)")
+            raise ValueError("ref_model is the policy itself; it must be a frozen copy of the "
+                             "starting policy: ref_model=copy.deepcopy(model)")
         if ref_model is None and precompute_ref_logps:
             raise ValueError("precompute_ref_logps=True needs ref_model to compute them with; pass "
-                             "ref_model=copy.deepcopy(model) (a frozen copy of the starting policy)")
+                             "ref_model=copy.deepcopy(model) "
+                             "(a frozen copy of the starting policy)")
         super().__init__(model, optimizer, train_loader, val_loader=val_loader, device=device,
                          max_epochs=max_epochs, **trainer_kwargs)
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
-        self.precompute_ref_logps, self.pad_token_id, self.rpo_alpha = precompute_ref_logps, pad_token_id, rpo_alpha
+        self.precompute_ref_logps, self.pad_token_id, self.rpo_alpha = (precompute_ref_logps,
+                                                                        pad_token_id, rpo_alpha)
         disable_dropout(self.raw_model)
         if ref_model is not None:
             # frozen: no gradients, no optimizer, no dropout; its forward builds no graph
@@ -276,7 +284,8 @@ class DPOTrainer(Trainer):
 
     def count_tokens(self, batch):
         """The completion tokens of both halves: what a DPO step trains on."""
-        return sum((batch[f"{side}_labels"][:, 1:] != -100).sum() for side in ("chosen", "rejected"))
+        return sum((batch[f"{side}_labels"][:, 1:] != -100).sum()
+                   for side in ("chosen", "rejected"))
 
     def concatenated_forward(self, model, batch):
         """log p(chosen) and log p(rejected) `[B]` each, from one forward pass over both halves."""
@@ -289,16 +298,19 @@ class DPOTrainer(Trainer):
         given = [key for key in ("ref_chosen_logps", "ref_rejected_logps") if key in batch]
         if len(given) == 1:
             raise ValueError(f"DPO batch has {given[0]!r} but not its other half; precomputed "
-                             "reference log-probs come as 'ref_chosen_logps' and 'ref_rejected_logps'")
+                             "reference log-probs come as 'ref_chosen_logps' and "
+                             "'ref_rejected_logps'")
         if given:
             return batch["ref_chosen_logps"].float(), batch["ref_rejected_logps"].float()
         if self.ref_logps is not None:
             return self.ref_logps.lookup(batch, self.device)
         if self.ref_model is None:
-            raise ValueError("DPO batch has no 'ref_chosen_logps'/'ref_rejected_logps' and the trainer "
-                             "has no ref_model to compute them: pass ref_model=copy.deepcopy(model) "
+            raise ValueError("DPO batch has no 'ref_chosen_logps'/'ref_rejected_logps' and the "
+                             "trainer has no ref_model to compute them: pass "
+                             "ref_model=copy.deepcopy(model) "
                              "(a frozen copy of the starting policy), optionally with "
-                             "precompute_ref_logps=True, or add the reference log-probs to the batches")
+                             "precompute_ref_logps=True, or add the reference log-probs to the "
+                             "batches")
         with torch.no_grad():
             return self.concatenated_forward(self.ref_model, batch)
 
@@ -319,10 +331,15 @@ class DPOTrainer(Trainer):
         return losses.sum(), metrics
 
     def train(self):
+        self.prepare()
+        return super().train()
+
+    def prepare(self):
+        """With precompute_ref_logps, score every pair under the reference once and free it.
+        train() calls it; call it first to keep that one-off pass out of a timing."""
         if self.precompute_ref_logps and self.ref_logps is None:
             self.ref_logps = self.compute_reference_logps()
             self.ref_model = None  # its work is done: free its memory for the policy's training
-        return super().train()
 
     @torch.no_grad()
     def compute_reference_logps(self):
@@ -332,7 +349,8 @@ class DPOTrainer(Trainer):
         for loader in (self.train_loader, self.val_loader):
             for batch in _every_pair(loader):
                 batch = self.to_device(batch)
-                with autocast_context(self.device, self.amp_dtype):  # as the online reference would run
+                # as the online reference would run
+                with autocast_context(self.device, self.amp_dtype):
                     table.add(batch, *self.concatenated_forward(self.ref_model, batch))
         return table
 
@@ -344,7 +362,8 @@ def _every_pair(loader):
     if loader is None:
         return []
     dataset = getattr(loader, "dataset", None)
-    if isinstance(loader, torch.utils.data.DataLoader) and not isinstance(dataset, torch.utils.data.IterableDataset):
+    if isinstance(loader, torch.utils.data.DataLoader) and not isinstance(
+            dataset, torch.utils.data.IterableDataset):
         return torch.utils.data.DataLoader(dataset, batch_size=loader.batch_size or 1,
                                            collate_fn=loader.collate_fn)
     return loader

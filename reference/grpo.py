@@ -38,8 +38,8 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-4):
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
     if group_size < 2:
-        raise ValueError(f"group_size must be >= 2 (a lone sample has nothing to be compared with), "
-                         f"got {group_size}")
+        raise ValueError(f"group_size must be >= 2 (a lone sample has nothing to be compared "
+                         f"with), got {group_size}")
     if rewards.dim() != 1 or rewards.numel() % group_size != 0:
         raise ValueError(f"rewards must be one number per completion, [N] with N divisible by "
                          f"group_size={group_size}; got shape {tuple(rewards.shape)}")
@@ -184,8 +184,8 @@ def global_std(column):
 
 class GRPOTrainer(Trainer):
     """GRPO: sample a group of completions per prompt, score them, make the better-than-average ones
-    more likely. Batches are online (`prompt_input_ids`, `prompt_attention_mask`, left-padded, plus what
-    `reward_fn(prompts, completions, **batch)` reads) or offline (`input_ids`, `response_mask`,
+    more likely. Batches are online (`prompt_input_ids`, `prompt_attention_mask`, left-padded, plus
+    what `reward_fn(prompts, completions, **batch)` reads) or offline (`input_ids`, `response_mask`,
     `rewards`, num_samples_per_prompt rows per prompt); see rollout.py. A step's grad_accum_steps
     loader batches are rolled out together, each a micro-batch of whole groups, and trained on for
     num_iterations steps: the ratio pi / pi_old is exactly 1 on the first use (old_logps =
@@ -198,32 +198,41 @@ class GRPOTrainer(Trainer):
       bnpo     count = 1, loss_sum = this micro-batch's mean token loss: the step averages
                micro-batch means, as TRL does; unlike dapo it depends on the split"""
 
-    def __init__(self, model, optimizer, train_loader, num_samples_per_prompt=4, clip_eps=0.2, device="auto",
-                 max_epochs=1, reward_fn=None, reward_weights=None, tokenizer=None, ref_model=None, beta=0.0,
-                 num_iterations=1, clip_eps_high=None, loss_type="grpo", scale_rewards="group",
-                 temperature=1.0, top_k=None, max_completion_length=8, generation_seed=None, **trainer_kwargs):
+    def __init__(self, model, optimizer, train_loader, num_samples_per_prompt=4, clip_eps=0.2,
+                 device="auto", max_epochs=1, reward_fn=None, reward_weights=None, tokenizer=None,
+                 ref_model=None, beta=0.0, num_iterations=1, clip_eps_high=None, loss_type="grpo",
+                 scale_rewards="group", temperature=1.0, top_k=None, max_completion_length=8,
+                 generation_seed=None, **trainer_kwargs):
         if num_samples_per_prompt is None or num_samples_per_prompt < 2:
-            raise ValueError(f"num_samples_per_prompt must be >= 2: a completion's advantage is its reward "
-                             f"relative to the others of its group; got {num_samples_per_prompt}")
+            raise ValueError(f"num_samples_per_prompt must be >= 2: a completion's advantage is "
+                             f"its reward relative to the others of its group; "
+                             f"got {num_samples_per_prompt}")
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
         if scale_rewards not in SCALES:
             raise ValueError(f"scale_rewards must be one of {SCALES}, got {scale_rewards!r}")
-        if min(num_iterations, max_completion_length, 1 if top_k is None else top_k) < 1 or temperature <= 0:
-            raise ValueError("need num_iterations, max_completion_length, top_k (or None) >= 1 and temperature > 0; "
-                             f"got {num_iterations}, {max_completion_length}, {top_k}, {temperature}")
+        if (min(num_iterations, max_completion_length, 1 if top_k is None else top_k) < 1
+                or temperature <= 0):
+            raise ValueError("need num_iterations, max_completion_length, top_k (or None) >= 1 and "
+                             "temperature > 0; "
+                             f"got {num_iterations}, {max_completion_length}, "
+                             f"{top_k}, {temperature}")
         if beta < 0:
             raise ValueError(f"beta must be >= 0, got {beta}")
         if beta > 0 and ref_model is None:
-            raise ValueError(f"beta={beta} adds a KL penalty towards a frozen reference model: pass "
-                             "ref_model=copy.deepcopy(model) made before training, or set beta=0")
+            raise ValueError(f"beta={beta} adds a KL penalty towards a frozen reference model: "
+                             "pass ref_model=copy.deepcopy(model) made before training, "
+                             "or set beta=0")
         if beta > 0 and ref_model is model:
-            raise ValueError("ref_model is the policy itself; pass a frozen copy, copy.deepcopy(model)")
+            raise ValueError("ref_model is the policy itself; pass a frozen copy, "
+                             "copy.deepcopy(model)")
         fns, weights, names = reward_functions(reward_fn, reward_weights)
-        super().__init__(model, optimizer, train_loader, device=device, max_epochs=max_epochs, **trainer_kwargs)
+        super().__init__(model, optimizer, train_loader, device=device, max_epochs=max_epochs,
+                         **trainer_kwargs)
         if trainer_kwargs.get("max_steps") is None:
             self.max_steps *= num_iterations  # every generation is trained on num_iterations times
-        self.num_samples_per_prompt, self.clip_eps, self.clip_eps_high, self.beta = num_samples_per_prompt, clip_eps, clip_eps_high, beta
+        self.num_samples_per_prompt, self.clip_eps, self.clip_eps_high, self.beta = (
+            num_samples_per_prompt, clip_eps, clip_eps_high, beta)
         self.reward_fns, self.reward_weights, self.reward_names = fns, weights, names
         self.tokenizer, self.num_iterations, self.loss_type = tokenizer, num_iterations, loss_type
         self.scale_rewards, self.temperature, self.top_k = scale_rewards, temperature, top_k
@@ -233,9 +242,12 @@ class GRPOTrainer(Trainer):
             self.ref_model = ref_model.to(self.device).eval().requires_grad_(False)
         elif ref_model is not None:
             warnings.warn("beta=0: ref_model is not used (there is no KL penalty)", stacklevel=2)
-        self.generator = None  # None: sample from torch's global RNG, which checkpoints already hold
-        if generation_seed is not None:  # one stream per rank, or every rank samples the same tokens
-            self.generator = torch.Generator(self.device).manual_seed(generation_seed + self.dist.rank)
+        # None: sample from torch's global RNG, which checkpoints already hold
+        self.generator = None
+        if generation_seed is not None:
+            # one stream per rank, or every rank samples the same tokens
+            self.generator = torch.Generator(self.device).manual_seed(generation_seed
+                                                                      + self.dist.rank)
         self.rollouts, self.rollout_uses, self.generation_seconds = None, 0, 0.0
         self.num_tokens = 0  # prompt + completion tokens generated, every rank's
         self._rank_states = None  # every rank's sampling state, gathered at each checkpoint
@@ -288,19 +300,24 @@ class GRPOTrainer(Trainer):
     def roll_out_one(self, batch):
         if "prompt_input_ids" in batch:
             if not self.reward_fns or self.tokenizer is None:
-                raise ValueError("the batch holds prompt_input_ids (online GRPO), which needs reward_fn= "
-                                 "(a function scoring completions) and tokenizer= (to decode them); pass both, "
-                                 "or give offline batches with input_ids, response_mask and rewards")
-            return online_rollout(self.raw_model, batch, self.tokenizer, self.reward_fns, self.reward_names,
-                                  self.reward_weights, self.num_samples_per_prompt, self.max_completion_length, self.temperature,
-                                  self.top_k, self.generator)
+                raise ValueError("the batch holds prompt_input_ids (online GRPO), which needs "
+                                 "reward_fn= (a function scoring completions) and tokenizer= "
+                                 "(to decode them); pass both, or give offline batches with "
+                                 "input_ids, response_mask and rewards")
+            return online_rollout(self.raw_model, batch, self.tokenizer, self.reward_fns,
+                                  self.reward_names, self.reward_weights,
+                                  self.num_samples_per_prompt, self.max_completion_length,
+                                  self.temperature, self.top_k, self.generator)
         if "input_ids" in batch:
             if self.reward_fns:
-                raise ValueError("the batch holds input_ids (offline GRPO), whose rewards come with it, but "
-                                 "reward_fn was given; drop reward_fn, or give prompt batches (prompt_input_ids)")
-            return offline_rollout(batch, self.num_samples_per_prompt, self.max_completion_length if self.loss_type == "dr_grpo" else None)
-        raise ValueError(f"GRPO batch has neither 'prompt_input_ids' (online) nor 'input_ids' (offline); it has "
-                         f"{sorted(batch)}")
+                raise ValueError("the batch holds input_ids (offline GRPO), whose rewards come "
+                                 "with it, but reward_fn was given; drop reward_fn, or give "
+                                 "prompt batches (prompt_input_ids)")
+            return offline_rollout(batch, self.num_samples_per_prompt,
+                                   self.max_completion_length if self.loss_type == "dr_grpo"
+                                   else None)
+        raise ValueError(f"GRPO batch has neither 'prompt_input_ids' (online) nor 'input_ids' "
+                         f"(offline); it has {sorted(batch)}")
 
     def logps(self, model, rollout, with_entropy=False):
         logits = forward_logits(model, rollout["input_ids"], rollout["attention_mask"])

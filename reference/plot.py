@@ -19,7 +19,8 @@ def plot_run(run_dir, out=None):
         raise ValueError(f"{path} does not exist; pass the --out directory of a chapter run")
     train, evals = read_metrics(path, "train"), read_metrics(path, "eval")
     fractions = sorted({k for r in evals for k, v in r.items()
-                        if k not in ("step", "split", "loss") and isinstance(v, float) and 0.0 <= v <= 1.0})
+                        if k not in ("step", "split", "loss") and isinstance(v, float)
+                        and 0.0 <= v <= 1.0})
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
     steps = [r["step"] for r in train]
     axes[0].plot(steps, [r["loss"] for r in train], label="train", lw=0.8)
@@ -30,7 +31,8 @@ def plot_run(run_dir, out=None):
     axes[1].plot(steps, [r["lr"] for r in train])
     axes[1].set(title="learning rate", xlabel="step")
     for key in fractions:
-        axes[2].plot([r["step"] for r in evals if key in r], [r[key] for r in evals if key in r], "o-", label=key)
+        axes[2].plot([r["step"] for r in evals if key in r], [r[key] for r in evals if key in r],
+                     "o-", label=key)
     axes[2].set(title="held-out metrics", xlabel="step", ylim=(-0.02, 1.02))
     if fractions:
         axes[2].legend()
@@ -42,7 +44,8 @@ def plot_run(run_dir, out=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m reference.plot", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m reference.plot",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir")
     p.add_argument("--out", default=None, help="the PNG to write (default RUN_DIR/curves.png)")
     args = p.parse_args(argv)

@@ -28,8 +28,8 @@ def parse_prompt(prompt):
 def _check_lengths(name, **lists):
     lengths = {key: len(value) for key, value in lists.items()}
     if len(set(lengths.values())) > 1:
-        raise ValueError(f"{name} got lists of different lengths {lengths}; pass one prompt (repeated "
-                         "per sample) and one flag per completion")
+        raise ValueError(f"{name} got lists of different lengths {lengths}; pass one prompt "
+                         "(repeated per sample) and one flag per completion")
 
 
 def correctness_reward(prompts, completions, **batch):
@@ -68,7 +68,7 @@ def check_rewards(rewards, n, name):
                          f"completions; it must return one float per completion, in order")
     bad = [i for i, r in enumerate(rewards) if not math.isfinite(r)]
     if bad:
-        raise ValueError(f"reward function {name} returned {rewards[bad[0]]} for completion {bad[0]} "
-                         f"({len(bad)} non-finite in all); return a finite number, e.g. 0.0 for a "
-                         "completion it cannot score")
+        raise ValueError(f"reward function {name} returned {rewards[bad[0]]} for completion "
+                         f"{bad[0]} ({len(bad)} non-finite in all); return a finite number, "
+                         "e.g. 0.0 for a completion it cannot score")
     return rewards

@@ -132,14 +132,15 @@ def repeat_per_sample(value, batch_size, group_size):
 
 def reward_functions(reward_fn, reward_weights=None):
     """(functions, weights, names) from one reward function or a list; weights default to 1."""
-    fns = [] if reward_fn is None else list(reward_fn) if isinstance(reward_fn, (list, tuple)) else [reward_fn]
+    fns = ([] if reward_fn is None else list(reward_fn) if isinstance(reward_fn, (list, tuple))
+           else [reward_fn])
     if not all(callable(fn) for fn in fns):
         raise ValueError("reward_fn must be a callable reward_fn(prompts, completions, **batch) -> "
                          "list[float], or a list of them")
     weights = [1.0] * len(fns) if reward_weights is None else [float(w) for w in reward_weights]
     if len(weights) != len(fns):
-        raise ValueError(f"reward_weights has {len(weights)} weights for {len(fns)} reward functions; "
-                         "give one weight per function")
+        raise ValueError(f"reward_weights has {len(weights)} weights for {len(fns)} reward "
+                         "functions; give one weight per function")
     return fns, weights, reward_names(fns)
 
 
@@ -156,7 +157,8 @@ def reward_names(reward_fns):
 
 def score(reward_fns, names, weights, prompts, completions, **batch):
     """(weighted total reward [N], each function's rewards [N, F]), each function checked."""
-    columns = [check_rewards(fn(prompts=prompts, completions=completions, **batch), len(completions), name)
+    columns = [check_rewards(fn(prompts=prompts, completions=completions, **batch),
+                             len(completions), name)
                for fn, name in zip(reward_fns, names)]
     per_fn = torch.tensor(columns, dtype=torch.float32).T.reshape(len(completions), len(reward_fns))
     return (per_fn * torch.tensor(weights, dtype=torch.float32)).sum(dim=1), per_fn
@@ -203,8 +205,9 @@ def online_rollout(model, batch, tokenizer, reward_fns, names, weights, group_si
                                        for row, m in zip(prompt_ids, prompt_mask)]
     extras = {k: repeat_per_sample(v, B, group_size) for k, v in batch.items()
               if k not in ("prompts", "prompt_input_ids", "prompt_attention_mask")}
-    rewards, per_fn = score(reward_fns, names, weights, repeat_per_sample(list(prompts), B, group_size),
-                            completions, ended=ended.tolist(), **extras)
+    rewards, per_fn = score(reward_fns, names, weights,
+                            repeat_per_sample(list(prompts), B, group_size), completions,
+                            ended=ended.tolist(), **extras)
     N = B * group_size
     metrics = {f"rewards/{name}/mean": (per_fn[:, i].sum(), N) for i, name in enumerate(names)}
     metrics["completions/mean_length"] = (lengths.sum().float(), N)
@@ -219,34 +222,40 @@ def online_rollout(model, batch, tokenizer, reward_fns, names, weights, group_si
 
 def offline_rollout(batch, group_size, max_completion_length=None):
     """Check an offline batch and put it in rollout form; nothing is generated or scored."""
-    keys = ["input_ids", "response_mask"] + (["attention_mask"] if "attention_mask" in batch else [])
+    keys = ["input_ids", "response_mask"] + (["attention_mask"] if "attention_mask" in batch
+                                             else [])
     check_batch(batch, keys, "GRPO offline")
     if "rewards" not in batch:
-        raise ValueError(f"GRPO offline batch is missing 'rewards' (it has {sorted(batch)}); give one "
-                         "reward per row, [B]")
+        raise ValueError(f"GRPO offline batch is missing 'rewards' (it has {sorted(batch)}); "
+                         "give one reward per row, [B]")
     ids, response = batch["input_ids"], batch["response_mask"].bool()
     B = ids.shape[0]
     rewards = torch.as_tensor(batch["rewards"], dtype=torch.float32, device=ids.device)
     if tuple(rewards.shape) != (B,):
-        raise ValueError(f"GRPO offline batch key 'rewards' has shape {tuple(rewards.shape)}; expected "
-                         f"[B] = ({B},), one reward per row")
+        raise ValueError(f"GRPO offline batch key 'rewards' has shape {tuple(rewards.shape)}; "
+                         f"expected [B] = ({B},), one reward per row")
     if B % group_size:
-        raise ValueError(f"GRPO offline batch has {B} rows, not divisible by num_samples_per_prompt="
-                         f"{group_size}: each prompt's {group_size} samples must sit in one batch. Make "
+        raise ValueError(f"GRPO offline batch has {B} rows, not divisible by "
+                         f"num_samples_per_prompt={group_size}: each prompt's {group_size} "
+                         "samples must sit in one batch. Make "
                          "the batch size a multiple of it, and keep each group's rows together")
     if not torch.isfinite(rewards).all():
-        raise ValueError("GRPO offline batch key 'rewards' holds NaN or inf; give a finite reward per row")
+        raise ValueError("GRPO offline batch key 'rewards' holds NaN or inf; "
+                         "give a finite reward per row")
     trained = response[:, 1:]  # position 0 has no context to be predicted from
     lengths = trained.sum(dim=1)
     if (lengths == 0).any():
         row = int((lengths == 0).nonzero()[0])
-        raise ValueError(f"GRPO offline batch row {row} has no response tokens to train (response_mask "
-                         "is 0 after position 0); mark its response with 1s, or drop the row")
+        raise ValueError(f"GRPO offline batch row {row} has no response tokens to train "
+                         "(response_mask is 0 after position 0); mark its response with 1s, "
+                         "or drop the row")
     if max_completion_length is not None and int(lengths.max()) > max_completion_length:
-        raise ValueError(f"a response has {int(lengths.max())} tokens, more than max_completion_length="
-                         f"{max_completion_length}, the constant loss_type='dr_grpo' divides by; raise it")
-    return {"input_ids": ids, "attention_mask": batch.get("attention_mask"), "completion_mask": trained,
-            "rewards": rewards, "metrics": {"completions/mean_length": (lengths.sum().float(), B)}}
+        raise ValueError(f"a response has {int(lengths.max())} tokens, more than "
+                         f"max_completion_length={max_completion_length}, the constant "
+                         "loss_type='dr_grpo' divides by; raise it")
+    return {"input_ids": ids, "attention_mask": batch.get("attention_mask"),
+            "completion_mask": trained, "rewards": rewards,
+            "metrics": {"completions/mean_length": (lengths.sum().float(), B)}}
 
 
 class RolledOut:

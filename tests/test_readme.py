@@ -11,7 +11,8 @@ from conftest import ROOT
 
 
 def bench_module():
-    spec = importlib.util.spec_from_file_location("bench_run", os.path.join(ROOT, "benchmarks", "run.py"))
+    spec = importlib.util.spec_from_file_location("bench_run",
+                                                  os.path.join(ROOT, "benchmarks", "run.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -25,16 +26,20 @@ def test_readme_results_tables_are_results_json(readme):
     with open(os.path.join(ROOT, readme)) as f:
         text = f.read()
     start, end = bench.MARKERS
-    assert text.count(start) == 1 and text.count(end) == 1, f"{readme} needs one {start} ... {end} block"
+    assert text.count(start) == 1 and text.count(end) == 1, \
+        f"{readme} needs one {start} ... {end} block"
     block = text.split(start)[1].split(end)[0].strip()
-    assert block == bench.readme_tables(results), f"run `python benchmarks/run.py --update-readme` ({readme})"
-    for key in ("trainer_overhead", "dpo_over_sft_precomputed", "kv_cache_speedup", "ddp_2x1_over_1x1_throughput",
-                "fp32_over_bf16_step_time", "grpo_generation_fraction", "chapter_05_grpo_seconds"):
+    assert block == bench.readme_tables(results), \
+        f"run `python benchmarks/run.py --update-readme` ({readme})"
+    for key in ("trainer_overhead", "dpo_over_sft_precomputed", "kv_cache_speedup",
+                "ddp_2x1_over_1x1_throughput", "fp32_over_bf16_step_time",
+                "grpo_generation_fraction", "chapter_05_grpo_seconds"):
         assert key in results, f"benchmarks/results.json lacks {key}: run `make bench`"
 
 
 def test_readme_links_point_at_files():
     with open(os.path.join(ROOT, "README.md")) as f:
         text = f.read()
-    for target in ("README.zh-CN.md", "docs/05_grpo.png", "tutorial/05_grpo/05_grpo.ipynb", "benchmarks/results.json"):
+    for target in ("README.zh-CN.md", "docs/05_grpo.png", "tutorial/05_grpo/05_grpo.ipynb",
+                   "benchmarks/results.json"):
         assert f"({target})" in text and os.path.exists(os.path.join(ROOT, target)), target

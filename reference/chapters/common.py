@@ -55,7 +55,8 @@ def sft_loaders(args, tok, train_problems, eval_problems, chapter):
         train_loader = torch.utils.data.DataLoader(
             train_set, batch_size=args.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
             generator=torch.Generator().manual_seed(args.seed))
-    val_loader = torch.utils.data.DataLoader(SFTDataset(eval_problems, tok), batch_size=256, collate_fn=collate)
+    val_loader = torch.utils.data.DataLoader(SFTDataset(eval_problems, tok), batch_size=256,
+                                             collate_fn=collate)
     return train_loader, val_loader
 
 
@@ -64,10 +65,11 @@ def sharded_loader(dataset, batch_size, collate, seed):
     outside torchrun: the whole dataset). The loader's own generator means that starting an epoch
     draws nothing from the global RNG, which an exact resume relies on."""
     env = torchrun_env()
-    sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=seed,
-                                 drop_last=True)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
-                                       collate_fn=collate, generator=torch.Generator().manual_seed(seed))
+    sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True,
+                                 seed=seed, drop_last=True)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                                       drop_last=True, collate_fn=collate,
+                                       generator=torch.Generator().manual_seed(seed))
 
 
 def weak_start(args, chapter):
@@ -140,15 +142,18 @@ def run_sft(chapter, args):
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)  # the same order of random draws as the chapter scripts
     tok = CharTokenizer()
-    train_problems, eval_problems = make_addition_splits(args.digits, args.eval_size, seed=args.seed)
+    train_problems, eval_problems = make_addition_splits(args.digits, args.eval_size,
+                                                         seed=args.seed)
     train_loader, val_loader = sft_loaders(args, tok, train_problems, eval_problems, chapter)
     model = build_model(args, tok, device)
-    optimizer = configure_optimizer(model=model, optimizer_type="adamw", lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = configure_optimizer(model=model, optimizer_type="adamw", lr=args.lr,
+                                    weight_decay=args.weight_decay)
     scheduler = warmup_cosine_scheduler(optimizer, args.warmup_steps, args.max_steps)
     trainer = SFTTrainer(
         model=model, optimizer=optimizer, train_loader=train_loader, val_loader=val_loader,
         device=device, max_steps=args.max_steps, scheduler=scheduler, eval_every=args.eval_every,
-        out_dir=args.out, eval_fn=lambda m: {"accuracy": exact_match(m, eval_problems, tok, device=trainer.device)},
+        out_dir=args.out,
+        eval_fn=lambda m: {"accuracy": exact_match(m, eval_problems, tok, device=trainer.device)},
         **trainer_options(args))
     start = time.perf_counter()
     history = trainer.train()

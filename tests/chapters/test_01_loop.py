@@ -9,11 +9,13 @@ def test_chapter_01_matches_reference_bitwise(tmp_path):
     argv = TINY
     ch = load_chapter("01").main(argv + ["--out", str(tmp_path / "ch")])
     ref = chapters.run("01", argv + ["--out", str(tmp_path / "ref")])
-    a, b = read_jsonl(tmp_path / "ch" / "metrics.jsonl"), read_jsonl(tmp_path / "ref" / "metrics.jsonl")
+    a, b = (read_jsonl(tmp_path / "ch" / "metrics.jsonl"),
+            read_jsonl(tmp_path / "ref" / "metrics.jsonl"))
     assert len(a) == len(b) == 30
     assert [r["loss"] for r in a] == [r["loss"] for r in b]          # bitwise, every step
     assert [r["grad_norm"] for r in a] == [r["grad_norm"] for r in b]
-    diffs, _ = compare(load(tmp_path / "ch" / "metrics.jsonl"), load(tmp_path / "ref" / "metrics.jsonl"))
+    diffs, _ = compare(load(tmp_path / "ch" / "metrics.jsonl"),
+                       load(tmp_path / "ref" / "metrics.jsonl"))
     assert diffs == []                                                 # eval records too
     assert ch["final_loss"] == ref["final_loss"] and ch["eval_accuracy"] == ref["eval_accuracy"]
     assert ch["steps"] == 30

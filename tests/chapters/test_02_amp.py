@@ -19,12 +19,15 @@ def test_accumulation_matches_full_batch(tmp_path):
     common = FP32[:]
     i = common.index("--batch-size")
     del common[i:i + 2]
-    ch.main(common + ["--max-steps", "20", "--batch-size", "8", "--grad-accum-steps", "4", "--out", str(tmp_path / "acc")])
-    ch.main(common + ["--max-steps", "20", "--batch-size", "32", "--grad-accum-steps", "1", "--out", str(tmp_path / "full")])
-    acc, full = read_jsonl(tmp_path / "acc" / "metrics.jsonl"), read_jsonl(tmp_path / "full" / "metrics.jsonl")
+    ch.main(common + ["--max-steps", "20", "--batch-size", "8", "--grad-accum-steps", "4",
+                      "--out", str(tmp_path / "acc")])
+    ch.main(common + ["--max-steps", "20", "--batch-size", "32", "--grad-accum-steps", "1",
+                      "--out", str(tmp_path / "full")])
+    acc, full = (read_jsonl(tmp_path / "acc" / "metrics.jsonl"),
+                 read_jsonl(tmp_path / "full" / "metrics.jsonl"))
     assert [r["tokens"] for r in acc] == [r["tokens"] for r in full]
-    torch.testing.assert_close(torch.tensor([r["loss"] for r in acc]), torch.tensor([r["loss"] for r in full]),
-                               rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in acc]),
+                               torch.tensor([r["loss"] for r in full]), rtol=1e-5, atol=0)
     pa, pb = final_params(tmp_path / "acc"), final_params(tmp_path / "full")
     for name in pa:
         assert (pa[name] - pb[name]).norm() <= 1e-5 * pb[name].norm(), name
@@ -35,9 +38,11 @@ def test_chapter_02_matches_reference_bitwise(tmp_path, amp):
     argv = [a for a in TINY] + ["--amp", amp, "--grad-accum-steps", "2"]
     ch = load_chapter("02").main(argv + ["--out", str(tmp_path / "ch")])
     ref = chapters.run("02", argv + ["--out", str(tmp_path / "ref")])
-    a, b = read_jsonl(tmp_path / "ch" / "metrics.jsonl"), read_jsonl(tmp_path / "ref" / "metrics.jsonl")
+    a, b = (read_jsonl(tmp_path / "ch" / "metrics.jsonl"),
+            read_jsonl(tmp_path / "ref" / "metrics.jsonl"))
     assert len(a) == 30 and a == b  # every key of every step, bit for bit
-    assert read_jsonl(tmp_path / "ch" / "metrics.jsonl", "eval") == read_jsonl(tmp_path / "ref" / "metrics.jsonl", "eval")
+    assert read_jsonl(tmp_path / "ch" / "metrics.jsonl", "eval") == \
+           read_jsonl(tmp_path / "ref" / "metrics.jsonl", "eval")
     assert ch["final_loss"] == ref["final_loss"]
 
 

@@ -14,8 +14,8 @@ from reference import chapters
 
 SCRIPT = os.path.join(ROOT, "tutorial", "03_ddp", "train.py")
 # 20 steps of a tiny model; every process sees 16 sequences per step in total
-BASE = ["--max-steps", "20", "--eval-every", "10", "--eval-size", "50", "--n-embd", "32", "--n-layer", "1",
-        "--amp", "off", "--seed", "0", "--device", "cpu", "--save-every", "10"]
+BASE = ["--max-steps", "20", "--eval-every", "10", "--eval-size", "50", "--n-embd", "32",
+        "--n-layer", "1", "--amp", "off", "--seed", "0", "--device", "cpu", "--save-every", "10"]
 
 
 def free_port():
@@ -25,20 +25,21 @@ def free_port():
 
 
 def env(**extra):
-    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT,
+             TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     e.update(extra)
     return e
 
 
 def torchrun(nproc, args, extra=(), timeout=120, **kw):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           *extra, SCRIPT, *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", *extra, SCRIPT, *args]
     return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout, **kw)
 
 
 def run_script(args, timeout=120):
-    return subprocess.run([sys.executable, SCRIPT, *args], env=env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, SCRIPT, *args], env=env(), capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def losses(out):
@@ -91,11 +92,13 @@ def test_ddp_with_accumulation_equals_one_process(one_process, tmp_path):
 def test_two_nodes_on_loopback_equal_one_process(one_process, tmp_path):
     out, port = str(tmp_path / "run"), free_port()
     nodes = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={rank}",
-         "--master_addr=127.0.0.1", f"--master_port={port}", SCRIPT, *BASE, "--batch-size", "8", "--out", out],
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+         f"--node_rank={rank}", "--master_addr=127.0.0.1", f"--master_port={port}", SCRIPT, *BASE,
+         "--batch-size", "8", "--out", out],
         env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
     results = [node.communicate(timeout=120) for node in nodes]
-    assert all(node.returncode == 0 for node in nodes), results[0][1][-2000:] + results[1][1][-2000:]
+    assert all(node.returncode == 0 for node in nodes), \
+        results[0][1][-2000:] + results[1][1][-2000:]
     assert_close_runs(one_process, out)
 
 
@@ -107,7 +110,8 @@ def test_sigkill_then_resume_is_bitwise(tmp_path):
     assert run_script(args + ["--out", straight]).returncode == 0  # same thread count as the others
     r = run_script(args + ["--out", crashed, "--crash-at-step", "25"])
     assert r.returncode == -9  # SIGKILL
-    assert sorted(os.listdir(os.path.join(crashed, "checkpoints"))) == ["step_000010", "step_000020"]
+    assert sorted(os.listdir(os.path.join(crashed, "checkpoints"))) == \
+           ["step_000010", "step_000020"]
     r = run_script(args + ["--out", crashed, "--resume"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout and "step_000020" in r.stdout
@@ -142,7 +146,8 @@ def test_truncated_checkpoint_falls_back_with_a_warning(one_process, tmp_path):
 
 
 def test_resume_without_checkpoint_starts_fresh(tmp_path, capsys):
-    load_chapter("03").main(BASE + ["--max-steps", "5", "--batch-size", "8", "--out", str(tmp_path), "--resume"])
+    load_chapter("03").main(BASE + ["--max-steps", "5", "--batch-size", "8", "--out", str(tmp_path),
+                                    "--resume"])
     assert "no checkpoint yet, starting fresh" in capsys.readouterr().out
     assert len(losses(str(tmp_path))) == 5
 
@@ -151,8 +156,8 @@ def test_resume_with_a_different_model_size_is_a_clear_error(tmp_path):
     chapter = load_chapter("03")
     chapter.main(BASE + ["--max-steps", "10", "--batch-size", "8", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="does not fit this model"):
-        chapter.main(BASE + ["--max-steps", "20", "--batch-size", "8", "--out", str(tmp_path), "--resume",
-                             "--n-embd", "48"])
+        chapter.main(BASE + ["--max-steps", "20", "--batch-size", "8", "--out", str(tmp_path),
+                             "--resume", "--n-embd", "48"])
 
 
 def test_resume_with_a_different_world_size_is_a_clear_error(tmp_path):
@@ -164,8 +169,10 @@ def test_resume_with_a_different_world_size_is_a_clear_error(tmp_path):
     torch.save(state, path)
     with open(path, "rb") as f, open(path + ".sha256", "w") as digest:  # a checksum that matches
         digest.write(hashlib.sha256(f.read()).hexdigest())
-    with pytest.raises(ValueError, match="written by 2 process.*this run has 1.*--nproc_per_node=2"):
-        chapter.main(BASE + ["--max-steps", "20", "--batch-size", "8", "--out", str(tmp_path), "--resume"])
+    with pytest.raises(ValueError,
+                       match="written by 2 process.*this run has 1.*--nproc_per_node=2"):
+        chapter.main(BASE + ["--max-steps", "20", "--batch-size", "8", "--out", str(tmp_path),
+                             "--resume"])
 
 
 def test_save_every_zero_is_a_clear_error(capsys):
@@ -177,7 +184,8 @@ def test_save_every_zero_is_a_clear_error(capsys):
 def test_a_fresh_run_replaces_an_earlier_runs_checkpoints(tmp_path, capsys):
     chapter = load_chapter("03")
     chapter.main(BASE + ["--max-steps", "20", "--batch-size", "8", "--out", str(tmp_path)])
-    chapter.main(BASE + ["--max-steps", "10", "--batch-size", "8", "--out", str(tmp_path), "--seed", "1"])
+    chapter.main(BASE + ["--max-steps", "10", "--batch-size", "8", "--out", str(tmp_path),
+                         "--seed", "1"])
     assert "removing the previous run's checkpoints" in capsys.readouterr().out
     # only the new run's checkpoints: a later --resume cannot pick up the old step 20
     assert sorted(os.listdir(os.path.join(tmp_path, "checkpoints"))) == ["step_000010"]
@@ -192,5 +200,7 @@ def test_chapter_03_matches_reference_bitwise(tmp_path):
     argv = TINY + ["--amp", "off", "--grad-accum-steps", "2", "--save-every", "10"]
     load_chapter("03").main(argv + ["--out", str(tmp_path / "ch")])
     chapters.run("03", argv + ["--out", str(tmp_path / "ref")])
-    assert read_jsonl(tmp_path / "ch" / "metrics.jsonl") == read_jsonl(tmp_path / "ref" / "metrics.jsonl")
-    assert sorted(p.name for p in (tmp_path / "ref" / "checkpoints").iterdir()) == ["step_000020", "step_000030"]
+    assert read_jsonl(tmp_path / "ch" / "metrics.jsonl") == \
+           read_jsonl(tmp_path / "ref" / "metrics.jsonl")
+    assert sorted(p.name for p in (tmp_path / "ref" / "checkpoints").iterdir()) == \
+           ["step_000020", "step_000030"]

@@ -1,4 +1,5 @@
-"""The DPO math (loss, rewards, sequence log-probs, concatenated forward) and the preference data."""
+"""The DPO math (loss, rewards, sequence log-probs, concatenated forward) and the preference
+data."""
 import math
 import random
 import warnings
@@ -7,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reference.data import CharTokenizer, PreferenceCollator, PreferenceDataset, Problem, rejected_answer
+from reference.data import (CharTokenizer, PreferenceCollator, PreferenceDataset, Problem,
+                            rejected_answer)
 from reference.dpo import check_dpo_batch, concat_pairs, dpo_loss, dpo_metrics, preference_accuracy
 from reference.logprobs import sequence_logps
 from reference.model import GPTConfig, TinyGPT
@@ -32,9 +34,11 @@ def sigmoid_loss(x, eps=0.0):
 def test_loss_is_ln2_when_policy_equals_reference():
     torch.manual_seed(0)
     chosen, rejected = -10 * torch.rand(5), -10 * torch.rand(5)
-    losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, chosen.clone(), rejected.clone())
+    losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, chosen.clone(),
+                                                        rejected.clone())
     assert torch.allclose(losses, torch.full((5,), math.log(2)))
-    assert torch.equal(chosen_rewards, torch.zeros(5)) and torch.equal(rejected_rewards, torch.zeros(5))
+    assert torch.equal(chosen_rewards, torch.zeros(5)) and \
+           torch.equal(rejected_rewards, torch.zeros(5))
 
 
 @pytest.mark.parametrize("beta", [0.05, 0.1, 0.5, 2.0])
@@ -49,7 +53,8 @@ def test_sigmoid_loss_difference_is_minus_beta_delta(beta):
 def test_loss_uses_all_four_logps_with_the_papers_signs():
     # policy prefers chosen by 3 nats, the reference by 1: logits = 3 - 1 = 2
     losses, chosen_rewards, rejected_rewards = dpo_loss(
-        torch.tensor([-2.0]), torch.tensor([-5.0]), torch.tensor([-4.0]), torch.tensor([-5.0]), beta=0.5)
+        torch.tensor([-2.0]), torch.tensor([-5.0]), torch.tensor([-4.0]), torch.tensor([-5.0]),
+        beta=0.5)
     assert losses.item() == pytest.approx(sigmoid_loss(0.5 * 2))
     assert chosen_rewards.item() == pytest.approx(0.5 * (-2 + 4))
     assert rejected_rewards.item() == pytest.approx(0.0)
@@ -81,14 +86,15 @@ def test_metrics_are_sums_with_the_pair_count():
     assert m["logps/rejected"][0].item() == pytest.approx(-15.0)
 
 
-@pytest.mark.parametrize("loss_type,label_smoothing", [("sigmoid", 0.0), ("sigmoid", 0.2), ("ipo", 0.0),
-                                                       ("hinge", 0.0)])
+@pytest.mark.parametrize("loss_type,label_smoothing", [("sigmoid", 0.0), ("sigmoid", 0.2),
+                                                       ("ipo", 0.0), ("hinge", 0.0)])
 def test_loss_and_gradient_are_finite_at_extreme_margins(loss_type, label_smoothing):
     policy_chosen = torch.tensor([1e4, -1e4], requires_grad=True)
     zeros = torch.zeros(2)
     ones = torch.ones(2, dtype=torch.long)
     losses, _, _ = dpo_loss(policy_chosen, zeros, zeros, zeros, beta=1.0, loss_type=loss_type,
-                            label_smoothing=label_smoothing, chosen_tokens=ones, rejected_tokens=ones)
+                            label_smoothing=label_smoothing, chosen_tokens=ones,
+                            rejected_tokens=ones)
     losses.sum().backward()
     assert torch.isfinite(losses).all() and torch.isfinite(policy_chosen.grad).all()
     if loss_type == "sigmoid" and label_smoothing == 0:
@@ -162,7 +168,8 @@ def test_sequence_logps_counts_only_completion_tokens():
     prompt_changed[:, 5] = torch.randn(2, 5)       # the last position predicts nothing
     assert torch.equal(sequence_logps(prompt_changed, labels), base)
     completion_changed = logits.clone()
-    completion_changed[:, 2] += 3 * torch.randn(2, 5)  # position 2 predicts the first completion token
+    # position 2 predicts the first completion token
+    completion_changed[:, 2] += 3 * torch.randn(2, 5)
     assert not torch.isclose(sequence_logps(completion_changed, labels), base).any()
 
 
@@ -171,9 +178,11 @@ def test_right_padding_does_not_change_sequence_logps():
     logits = torch.randn(2, 6, 5)
     labels = torch.tensor([[-100, -100, -100, 1, 4, 2], [-100, -100, -100, 3, 0, -100]])
     padded_logits = torch.cat([logits, torch.randn(2, 4, 5)], dim=1)
-    padded_logits[:, 6:, 0] = float("-inf")  # a -inf log-prob under a masked label must not leak a NaN
+    # a -inf log-prob under a masked label must not leak a NaN
+    padded_logits[:, 6:, 0] = float("-inf")
     padded_labels = F.pad(labels, (0, 4), value=-100)
-    assert torch.allclose(sequence_logps(padded_logits, padded_labels), sequence_logps(logits, labels))
+    assert torch.allclose(sequence_logps(padded_logits, padded_labels),
+                          sequence_logps(logits, labels))
 
 
 # --- concat_pairs and check_dpo_batch ------------------------------------------------------
@@ -187,21 +196,26 @@ def pair_batch(problems, rejected):
 
 def test_one_concatenated_forward_matches_two_separate_forwards():
     torch.manual_seed(0)
-    model = TinyGPT(GPTConfig(vocab_size=TOK.vocab_size, block_size=16, n_layer=1, n_embd=32)).eval()
-    batch = pair_batch([Problem(55, 55, 2), Problem(3, 4, 2)], ["1", "12"])  # chosen wider than rejected
+    model = TinyGPT(GPTConfig(vocab_size=TOK.vocab_size, block_size=16, n_layer=1,
+                              n_embd=32)).eval()
+    # chosen wider than rejected
+    batch = pair_batch([Problem(55, 55, 2), Problem(3, 4, 2)], ["1", "12"])
     assert batch["chosen_input_ids"].shape[1] == 10 and batch["rejected_input_ids"].shape[1] == 9
     ids, labels, mask = concat_pairs(batch, TOK.pad_id)
     assert ids.shape == labels.shape == mask.shape == (4, 10)
     assert torch.equal(ids[:2], batch["chosen_input_ids"])                 # chosen first
     assert torch.equal(ids[2:, :9], batch["rejected_input_ids"])
-    assert (ids[2:, 9] == TOK.pad_id).all() and (labels[2:, 9] == -100).all() and (mask[2:, 9] == 0).all()
+    assert (ids[2:, 9] == TOK.pad_id).all() and (labels[2:, 9] == -100).all() and \
+           (mask[2:, 9] == 0).all()
     with torch.no_grad():
         joint = sequence_logps(model(ids, attention_mask=mask), labels)
         chosen = sequence_logps(model(batch["chosen_input_ids"], batch["chosen_attention_mask"]),
                                 batch["chosen_labels"])
-        rejected = sequence_logps(model(batch["rejected_input_ids"], batch["rejected_attention_mask"]),
+        rejected = sequence_logps(model(batch["rejected_input_ids"],
+                                        batch["rejected_attention_mask"]),
                                   batch["rejected_labels"])
-    assert torch.allclose(joint[:2], chosen, rtol=1e-5) and torch.allclose(joint[2:], rejected, rtol=1e-5)
+    assert torch.allclose(joint[:2], chosen, rtol=1e-5) and \
+           torch.allclose(joint[2:], rejected, rtol=1e-5)
 
 
 def test_check_dpo_batch_names_a_missing_or_misshapen_key():
@@ -218,7 +232,8 @@ def test_check_dpo_batch_names_a_missing_or_misshapen_key():
 def test_check_dpo_batch_rejects_a_completion_with_no_tokens():
     batch = pair_batch([Problem(12, 34, 2), Problem(5, 6, 2)], ["47", "12"])
     batch["rejected_labels"][1] = -100
-    with pytest.raises(ValueError, match="row 1 of 'rejected_labels' is a completion with no tokens"):
+    with pytest.raises(ValueError,
+                       match="row 1 of 'rejected_labels' is a completion with no tokens"):
         check_dpo_batch(batch)
 
 
@@ -235,7 +250,8 @@ def test_check_dpo_batch_warns_with_the_count_of_identical_pairs():
 
 def test_rejected_answer_is_always_wrong_and_plausible():
     rng, kinds = random.Random(0), set()
-    problems = [Problem(rng.randrange(100), rng.randrange(100), 2) for _ in range(200)] + [Problem(0, 0, 2)]
+    problems = [Problem(rng.randrange(100), rng.randrange(100), 2) for _ in range(200)] + \
+               [Problem(0, 0, 2)]
     for p in problems:
         wrong = rejected_answer(p, rng)
         assert wrong != p.answer and wrong.isdigit(), (p, wrong)
@@ -248,7 +264,8 @@ def test_rejected_answer_is_always_wrong_and_plausible():
 def test_rejected_answer_is_deterministic():
     problems = [Problem(a, b, 2) for a, b in [(56, 78), (9, 1), (99, 99), (10, 20)]] * 10
     rng_a, rng_b = random.Random(3), random.Random(3)
-    assert [rejected_answer(p, rng_a) for p in problems] == [rejected_answer(p, rng_b) for p in problems]
+    assert [rejected_answer(p, rng_a) for p in problems] == \
+           [rejected_answer(p, rng_b) for p in problems]
     seed0 = PreferenceDataset(problems, TOK, seed=0)
     assert seed0.rejected == PreferenceDataset(problems, TOK, seed=0).rejected
     assert seed0.rejected != PreferenceDataset(problems, TOK, seed=1).rejected
@@ -272,7 +289,8 @@ def test_preference_collator_pads_each_half():
     batch = pair_batch([Problem(55, 55, 2), Problem(3, 4, 2)], ["1", "12"])
     assert sorted(batch) == sorted(f"{side}_{key}" for side in ("chosen", "rejected")
                                    for key in ("input_ids", "labels", "attention_mask"))
-    assert batch["chosen_input_ids"].shape == (2, 10) and batch["rejected_input_ids"].shape == (2, 9)
+    assert batch["chosen_input_ids"].shape == (2, 10) and \
+           batch["rejected_input_ids"].shape == (2, 9)
     assert batch["chosen_attention_mask"].sum(1).tolist() == [10, 8]   # "110"+eos and "7"+eos
     assert batch["rejected_attention_mask"].sum(1).tolist() == [8, 9]  # "1"+eos and "12"+eos
     assert batch["chosen_labels"][1, 8:].tolist() == [-100, -100]
@@ -299,7 +317,8 @@ def test_preference_accuracy_on_a_model_that_prefers_ones():
     ds = PreferenceDataset(problems, TOK)
     ds.rejected = ["12", "21", "2", "4"]
     # two batches, so the fraction must be counted over both
-    loader = torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=PreferenceCollator(TOK.pad_id))
+    loader = torch.utils.data.DataLoader(ds, batch_size=3,
+                                         collate_fn=PreferenceCollator(TOK.pad_id))
     model = PrefersOne().train()
     assert preference_accuracy(model, loader) == pytest.approx(2 / 4)
     assert model.training

@@ -18,18 +18,20 @@ from reference.optimizer import warmup_cosine_scheduler
 
 TOK = CharTokenizer()
 COLLATE = PreferenceCollator(TOK.pad_id)
-METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-           "logps/rejected")
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+           "logps/chosen", "logps/rejected")
 
 
 def tiny_model(seed=0, dropout=0.0):
     torch.manual_seed(seed)
-    return TinyGPT(GPTConfig(vocab_size=TOK.vocab_size, block_size=12, n_layer=1, n_embd=32, dropout=dropout))
+    return TinyGPT(GPTConfig(vocab_size=TOK.vocab_size, block_size=12, n_layer=1, n_embd=32,
+                             dropout=dropout))
 
 
 def pairs(n=20, seed=0):
     rng = random.Random(seed)
-    return PreferenceDataset([Problem(rng.randrange(100), rng.randrange(100), 2) for _ in range(n)], TOK, seed=seed)
+    return PreferenceDataset([Problem(rng.randrange(100), rng.randrange(100), 2) for _ in range(n)],
+                             TOK, seed=seed)
 
 
 def loader(dataset, batch_size=8, shuffle=False):
@@ -38,16 +40,18 @@ def loader(dataset, batch_size=8, shuffle=False):
     if not shuffle:
         return torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=COLLATE)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
-                                       collate_fn=COLLATE, generator=torch.Generator().manual_seed(0))
+                                       collate_fn=COLLATE,
+                                       generator=torch.Generator().manual_seed(0))
 
 
 def make_trainer(model=None, ref_model="copy", train_loader=None, lr=1e-2, **kw):
     model = model if model is not None else tiny_model()
     ref_model = copy.deepcopy(model) if ref_model == "copy" else ref_model
     args = dict(model=model, ref_model=ref_model,
-                optimizer=configure_optimizer(model=model, optimizer_type="adamw", lr=lr, weight_decay=0.0),
-                train_loader=train_loader if train_loader is not None else loader(pairs()), beta=0.1,
-                device="cpu", max_epochs=1, progress=False)
+                optimizer=configure_optimizer(model=model, optimizer_type="adamw", lr=lr,
+                                              weight_decay=0.0),
+                train_loader=train_loader if train_loader is not None else loader(pairs()),
+                beta=0.1, device="cpu", max_epochs=1, progress=False)
     args.update(kw)
     return DPOTrainer(**args)
 
@@ -67,13 +71,16 @@ def train_losses(history):
 def test_concatenated_forward_equals_two_separate_forwards():
     """compute_loss runs the policy once over [chosen; rejected]; loss, metrics and gradients equal
     those of a separate forward per half."""
-    policy, ref = tiny_model(0), tiny_model(1)  # a reference unlike the policy: the loss is not just ln 2
+    # a reference unlike the policy: the loss is not just ln 2
+    policy, ref = tiny_model(0), tiny_model(1)
     trainer = make_trainer(model=policy, ref_model=ref)
     batch = hand_batch([Problem(55, 55, 2), Problem(3, 4, 2), Problem(70, 8, 2)], ["1", "12", "88"])
-    assert batch["chosen_input_ids"].shape[1] != batch["rejected_input_ids"].shape[1]  # the halves need padding
+    # the halves need padding
+    assert batch["chosen_input_ids"].shape[1] != batch["rejected_input_ids"].shape[1]
 
     shapes = []
-    hook = policy.register_forward_hook(lambda module, inputs, output: shapes.append(tuple(inputs[0].shape)))
+    hook = policy.register_forward_hook(
+        lambda module, inputs, output: shapes.append(tuple(inputs[0].shape)))
     loss_sum, metrics = trainer.compute_loss(trainer.model, batch)
     hook.remove()
     assert shapes == [(6, 10)]  # one forward: 3 chosen rows then 3 rejected rows
@@ -84,15 +91,17 @@ def test_concatenated_forward_equals_two_separate_forwards():
     sides = {}
     for model in (policy, ref):
         with torch.set_grad_enabled(model is policy):
-            sides[model] = [sequence_logps(model(batch[f"{s}_input_ids"], attention_mask=batch[f"{s}_attention_mask"]),
+            sides[model] = [sequence_logps(model(batch[f"{s}_input_ids"],
+                                                 attention_mask=batch[f"{s}_attention_mask"]),
                                            batch[f"{s}_labels"]) for s in ("chosen", "rejected")]
     losses, chosen_rewards, rejected_rewards = dpo_loss(*sides[policy], *sides[ref], beta=0.1)
     losses.sum().backward()
     assert loss_sum.item() == pytest.approx(losses.sum().item(), rel=1e-6)
     assert loss_sum.item() != pytest.approx(3 * math.log(2), rel=1e-3)
-    assert metrics["logps/chosen"][0].item() == pytest.approx(sides[policy][0].sum().item(), rel=1e-6)
-    assert metrics["rewards/margins"][0].item() == pytest.approx((chosen_rewards - rejected_rewards).sum().item(),
-                                                                  rel=1e-5)
+    assert metrics["logps/chosen"][0].item() == \
+           pytest.approx(sides[policy][0].sum().item(), rel=1e-6)
+    assert metrics["rewards/margins"][0].item() == \
+           pytest.approx((chosen_rewards - rejected_rewards).sum().item(), rel=1e-5)
     for name, p in policy.named_parameters():
         torch.testing.assert_close(joint_grads[name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
 
@@ -106,9 +115,11 @@ def test_reference_model_gets_no_gradient_and_does_not_change():
     assert not ref.training
     assert all(p.grad is None and not p.requires_grad for p in ref.parameters())
     assert all(torch.equal(before[k], v) for k, v in ref.state_dict().items())
-    assert not all(torch.equal(policy_before[k], v) for k, v in trainer.raw_model.state_dict().items())
+    assert not all(torch.equal(policy_before[k], v)
+                   for k, v in trainer.raw_model.state_dict().items())
     chosen, rejected = trainer.reference_logps(next(iter(trainer.train_loader)))
-    assert chosen.grad_fn is None and rejected.grad_fn is None  # no autograd graph behind them
+    # no autograd graph behind them
+    assert chosen.grad_fn is None and rejected.grad_fn is None
 
 
 def test_dropout_is_off_in_both_models():
@@ -132,7 +143,8 @@ def test_rpo_alpha_adds_the_chosen_nll_per_token():
         chosen = sequence_logps(rpo.model(batch["chosen_input_ids"]), batch["chosen_labels"])
     nll = -chosen / torch.tensor([4.0, 2.0])  # "110"+eos and "7"+eos
     assert rpo_sum.item() == pytest.approx(dpo_sum.item() + 0.5 * nll.sum().item(), rel=1e-6)
-    assert metrics["nll_loss"][0].item() == pytest.approx(nll.sum().item(), rel=1e-6) and metrics["nll_loss"][1] == 2
+    assert metrics["nll_loss"][0].item() == pytest.approx(nll.sum().item(), rel=1e-6) and \
+           metrics["nll_loss"][1] == 2
     assert "nll_loss" not in plain_metrics
     with pytest.raises(ValueError, match="rpo_alpha must be >= 0"):
         make_trainer(rpo_alpha=-1.0)
@@ -141,10 +153,12 @@ def test_rpo_alpha_adds_the_chosen_nll_per_token():
 # --- precomputed reference log-probs -----------------------------------------------------------
 
 def test_precomputed_ref_logps_give_the_same_losses_as_the_online_reference():
-    """Three epochs of a shuffling loader with drop_last: pairs left out of epoch 0 come back later."""
+    """Three epochs of a shuffling loader with drop_last: pairs left out of epoch 0 come back
+    later."""
     runs = {}
     for precompute in (False, True):
-        trainer = make_trainer(model=tiny_model(0), ref_model=tiny_model(1), train_loader=loader(pairs(), shuffle=True),
+        trainer = make_trainer(model=tiny_model(0), ref_model=tiny_model(1),
+                               train_loader=loader(pairs(), shuffle=True),
                                val_loader=loader(pairs(12, seed=1)), max_steps=6, eval_every=3,
                                precompute_ref_logps=precompute)
         runs[precompute] = trainer.train()
@@ -178,24 +192,28 @@ def test_batches_may_carry_their_own_reference_logps():
 def test_public_signature_trains_and_logs_trl_metrics():
     model = tiny_model()
     optimizer = configure_optimizer(model=model, optimizer_type="adamw", lr=1e-2, weight_decay=0.0)
+    # one batch, three times: its margins must grow
     trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), optimizer=optimizer,
                          train_loader=loader(pairs(8)), val_loader=loader(pairs(8)), beta=0.1,
-                         device="cpu", max_epochs=3)  # one batch, three times: its margins must grow
+                         device="cpu", max_epochs=3)
     history = trainer.train()
     assert [r["step"] for r in history] == [1, 2, 3]
     # loss_count counts pairs (the divisor), tokens both completions' tokens
     assert all(set(METRICS) <= set(r) and r["loss_count"] == 8 < r["tokens"] for r in history)
     assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)        # policy == reference
-    assert history[0]["rewards/margins"] == 0.0 and history[0]["rewards/accuracies"] == 0.0  # ties don't win
+    assert history[0]["rewards/margins"] == 0.0 and \
+           history[0]["rewards/accuracies"] == 0.0  # ties don't win
     assert history[-1]["rewards/margins"] > 0 and history[-1]["loss"] < math.log(2)
     assert 0.0 < trainer.evaluate()["loss"] < math.log(2)
 
 
 def test_accumulation_matches_full_batch():
-    """2 micro-batches of 4 pairs == 1 batch of 8, in fp32: the loss is a mean over the step's pairs."""
+    """2 micro-batches of 4 pairs == 1 batch of 8, in fp32: the loss is a mean over the step's
+    pairs."""
     runs = []
     for batch_size, accum in ((8, 1), (4, 2)):
-        trainer = make_trainer(model=tiny_model(0), ref_model=tiny_model(1), train_loader=loader(pairs(24), batch_size),
+        trainer = make_trainer(model=tiny_model(0), ref_model=tiny_model(1),
+                               train_loader=loader(pairs(24), batch_size),
                                grad_accum_steps=accum, max_steps=3)
         runs.append((trainer.train(), trainer.raw_model.state_dict()))
     (full, full_params), (accumulated, accumulated_params) = runs
@@ -209,14 +227,18 @@ def test_accumulation_matches_full_batch():
 
 @pytest.mark.parametrize("precompute", [False, True])
 def test_resume_is_bitwise(tmp_path, precompute):
-    """6 straight steps == 3 steps, a checkpoint (mid-epoch), a fresh trainer resuming for 3 more."""
+    """6 straight steps == 3 steps, a checkpoint (mid-epoch), a fresh trainer resuming for 3
+    more."""
     def run(out, max_steps, resume=False):
         model = tiny_model(0)
-        optimizer = configure_optimizer(model=model, optimizer_type="adamw", lr=1e-2, weight_decay=0.0)
+        optimizer = configure_optimizer(model=model, optimizer_type="adamw", lr=1e-2,
+                                        weight_decay=0.0)
         trainer = make_trainer(model=model, ref_model=tiny_model(1), optimizer=optimizer,
-                               train_loader=loader(pairs(), shuffle=True), val_loader=loader(pairs(8, seed=1)),
-                               scheduler=warmup_cosine_scheduler(optimizer, 2, 6), max_steps=max_steps,
-                               eval_every=3, out_dir=str(out), save_every=3, precompute_ref_logps=precompute,
+                               train_loader=loader(pairs(), shuffle=True),
+                               val_loader=loader(pairs(8, seed=1)),
+                               scheduler=warmup_cosine_scheduler(optimizer, 2, 6),
+                               max_steps=max_steps, eval_every=3, out_dir=str(out), save_every=3,
+                               precompute_ref_logps=precompute,
                                resume_from="latest" if resume else None)
         trainer.train()
         return trainer
@@ -238,7 +260,8 @@ def test_resume_is_bitwise(tmp_path, precompute):
 # --- bad input -------------------------------------------------------------------------------
 
 def test_missing_ref_model_without_precomputed_logps_is_a_clear_error():
-    with pytest.raises(ValueError, match="no 'ref_chosen_logps'.*no ref_model.*ref_model=copy.deepcopy"):
+    with pytest.raises(ValueError,
+                       match="no 'ref_chosen_logps'.*no ref_model.*ref_model=copy.deepcopy"):
         make_trainer(ref_model=None).train()
     with pytest.raises(ValueError, match="precompute_ref_logps=True needs ref_model"):
         make_trainer(ref_model=None, precompute_ref_logps=True)
@@ -256,7 +279,8 @@ def test_nonpositive_beta_is_a_clear_error(beta):
 def test_empty_completion_is_a_clear_error():
     batch = hand_batch([Problem(12, 34, 2), Problem(5, 6, 2)], ["47", "12"])
     batch["rejected_labels"][1] = -100
-    with pytest.raises(ValueError, match="row 1 of 'rejected_labels' is a completion with no tokens"):
+    with pytest.raises(ValueError,
+                       match="row 1 of 'rejected_labels' is a completion with no tokens"):
         make_trainer(train_loader=[batch]).train()
 
 

@@ -1,4 +1,5 @@
-"""GRPO's math on hand-built tensors: advantages, the clipped loss, its normalizations, KL, rewards."""
+"""GRPO's math on hand-built tensors: advantages, the clipped loss, its normalizations, KL,
+rewards."""
 import math
 
 import pytest
@@ -50,14 +51,16 @@ def test_batch_and_none_scales():
 
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
 def test_all_equal_group_has_exactly_zero_advantage_and_gradient(scale):
-    # 0.9 three times: float32's mean(0.9, 0.9, 0.9) != 0.9, so the naive r - mean is 6e-8, /eps = 6e-4
+    # 0.9 three times: float32's mean(0.9, 0.9, 0.9) != 0.9, so the naive r - mean is 6e-8,
+    # /eps = 6e-4
     rewards = torch.tensor([0.9, 0.9, 0.9, 0.0, 1.0, 0.0])
     A = group_advantages(rewards, group_size=3, scale=scale)
     assert torch.equal(A[:3], torch.zeros(3))
     assert (A[3:] != 0).all()
     logps, _, _, _ = random_batch(B=6, L=4)
     noise = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
-    old = logps.detach() + 0.01 * noise  # ratio != 1 but inside the clip range, so every token has a gradient
+    # ratio != 1 but inside the clip range, so every token has a gradient
+    old = logps.detach() + 0.01 * noise
     mask = torch.ones(6, 4, dtype=torch.bool)
     loss, _ = mean_loss(logps, old, None, A, mask, beta=0.0)
     loss.backward()
@@ -78,7 +81,8 @@ def test_group_advantages_rejects_bad_input():
 def test_k3_is_nonnegative_and_zero_with_zero_gradient_at_equality():
     g = torch.Generator().manual_seed(0)
     logps = -torch.rand(10_000, generator=g) * 10
-    ref = logps + torch.randn(10_000, generator=g) * torch.logspace(-8, 1, 10_000)  # tiny to large gaps
+    # tiny to large gaps
+    ref = logps + torch.randn(10_000, generator=g) * torch.logspace(-8, 1, 10_000)
     assert (k3_kl(logps, ref) >= 0).all()
     x = logps.clone().requires_grad_()
     kl = k3_kl(x, x.detach())
@@ -116,9 +120,12 @@ def test_on_policy_ratio_is_one_and_nothing_is_clipped():
 
 
 def clip_case():
-    """Row 0 has A > 0, row 1 has A < 0; the ratios straddle [0.8, 1.2]; row 1's last token is padding."""
-    ratios = torch.tensor([[1.5, 0.5, 1.0, 1.1],    # A>0: 1.5 is clipped high; 0.5 is not (min keeps 0.5*A)
-                           [0.5, 1.5, 0.9, 7.0]])   # A<0: 0.5 is clipped low; 1.5 is not; 7.0 is masked
+    """Row 0 has A > 0, row 1 has A < 0; the ratios straddle [0.8, 1.2]; row 1's last token is
+    padding."""
+    ratios = torch.tensor([[1.5, 0.5, 1.0, 1.1],    # A>0: 1.5 is clipped high; 0.5 is not
+                                                    # (min keeps 0.5*A)
+                           [0.5, 1.5, 0.9, 7.0]])   # A<0: 0.5 is clipped low; 1.5 is not;
+                                                    # 7.0 is masked
     old = torch.tensor([[-1.0, -2.0, -0.5, -3.0], [-1.5, -2.5, -0.7, -1.0]])
     logps = (old + ratios.log()).requires_grad_()
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
@@ -139,7 +146,8 @@ def test_clipped_tokens_get_zero_gradient_and_are_counted():
 
 def test_clip_eps_high_widens_only_the_upper_bound():
     logps, old, A, mask = clip_case()
-    loss, metrics = mean_loss(logps, old, None, A, mask, clip_eps=0.2, clip_eps_high=0.6, loss_type="dapo")
+    loss, metrics = mean_loss(logps, old, None, A, mask, clip_eps=0.2, clip_eps_high=0.6,
+                              loss_type="dapo")
     loss.backward()
     assert metrics["clip_ratio/high_mean"].item() == 0          # 1.5 < 1.6: no longer clipped
     assert metrics["clip_ratio/low_mean"].item() == pytest.approx(1 / 7)
@@ -167,7 +175,8 @@ def per_token_loss_by_hand(logps, old, ref, A, mask, eps=0.2, beta=0.1):
 def test_each_loss_type_matches_its_formula():
     logps, old, ref, mask = random_batch(B=4, L=5)
     A = torch.tensor([1.5, -0.7, 0.3, -1.2])
-    rows = per_token_loss_by_hand(logps.tolist(), old.tolist(), ref.tolist(), A.tolist(), mask.tolist())
+    rows = per_token_loss_by_hand(logps.tolist(), old.tolist(), ref.tolist(), A.tolist(),
+                                  mask.tolist())
     real = [[x for x in row if x is not None] for row in rows]
     total, n_tokens, B, max_len = sum(map(sum, real)), sum(map(len, real)), 4, 8
     expected = {"grpo": sum(sum(r) / len(r) for r in real) / B,
@@ -178,7 +187,8 @@ def test_each_loss_type_matches_its_formula():
         loss, metrics = mean_loss(logps, old, ref, A, mask, beta=0.1, loss_type=loss_type,
                                   max_completion_length=max_len)
         assert loss.item() == pytest.approx(expected[loss_type], rel=1e-5), loss_type
-    kl = [math.exp(r - p) - (r - p) - 1 for pr, rr, mr in zip(logps.tolist(), ref.tolist(), mask.tolist())
+    kl = [math.exp(r - p) - (r - p) - 1
+          for pr, rr, mr in zip(logps.tolist(), ref.tolist(), mask.tolist())
           for p, r, m in zip(pr, rr, mr) if m]
     assert metrics["kl"].item() == pytest.approx(sum(kl) / len(kl), rel=1e-5)
 
@@ -227,7 +237,8 @@ def test_masked_logits_do_not_change_the_loss_or_its_gradient():
 
     def loss_and_grad(logits, old, ref):
         logits = logits.clone().requires_grad_()
-        logps = per_token_logps(logits, input_ids)[:, P - 1:]  # logits at P-1+j predict completion token j
+        # logits at P-1+j predict completion token j
+        logps = per_token_logps(logits, input_ids)[:, P - 1:]
         loss, _ = mean_loss(logps, old, ref, A, mask, beta=0.1, loss_type="grpo")
         loss.backward()
         return loss, logits.grad
@@ -237,7 +248,8 @@ def test_masked_logits_do_not_change_the_loss_or_its_gradient():
     predicts_masked[:, P - 1:P - 1 + L] = ~mask
     garbage[predicts_masked] = 1e30 * torch.randn(int(predicts_masked.sum()), V)
     garbage[:, -1] = 1e30                          # the last position predicts nothing
-    bad_old, bad_ref = old.masked_fill(~mask, -1e30), ref.masked_fill(~mask, 1e30)  # exp() overflows there
+    # exp() overflows there
+    bad_old, bad_ref = old.masked_fill(~mask, -1e30), ref.masked_fill(~mask, 1e30)
     loss, grad = loss_and_grad(clean, old, ref)
     loss2, grad2 = loss_and_grad(garbage, bad_old, bad_ref)
     assert torch.isfinite(loss2) and torch.isfinite(grad2).all()
@@ -252,7 +264,8 @@ def test_non_finite_values_on_masked_tokens_are_ignored():
     loss, _ = mean_loss(logps, old, ref, A, mask, beta=0.1)
     loss.backward()
     grad, logps.grad = logps.grad.clone(), None
-    bad = logps.detach().masked_fill(~mask, math.nan).requires_grad_()  # NaN log-probs where mask is 0
+    # NaN log-probs where mask is 0
+    bad = logps.detach().masked_fill(~mask, math.nan).requires_grad_()
     bad_old, bad_ref = old.masked_fill(~mask, -math.inf), ref.masked_fill(~mask, math.inf)
     loss2, _ = mean_loss(bad, bad_old, bad_ref, A, mask, beta=0.1)
     loss2.backward()

@@ -20,18 +20,20 @@ from reference.data import PromptCollator, PromptDataset
 
 TOK = CharTokenizer()
 G = 4
-PROBLEMS = [Problem(3, 4, 1), Problem(12, 34, 2), Problem(5, 5, 1), Problem(0, 7, 1), Problem(8, 1, 1),
-            Problem(2, 2, 1), Problem(6, 3, 1), Problem(9, 9, 1)]
+PROBLEMS = [Problem(3, 4, 1), Problem(12, 34, 2), Problem(5, 5, 1), Problem(0, 7, 1),
+            Problem(8, 1, 1), Problem(2, 2, 1), Problem(6, 3, 1), Problem(9, 9, 1)]
 CLIP_KEYS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
 
 
 def tiny_model(block_size=10, seed=0):
     torch.manual_seed(seed)
-    return TinyGPT(GPTConfig(vocab_size=TOK.vocab_size, block_size=block_size, n_layer=1, n_head=2, n_embd=16))
+    return TinyGPT(GPTConfig(vocab_size=TOK.vocab_size, block_size=block_size, n_layer=1, n_head=2,
+                             n_embd=16))
 
 
 def prompt_loader(problems=PROBLEMS, batch_size=2):
-    return DataLoader(PromptDataset(problems, TOK), batch_size=batch_size, collate_fn=PromptCollator(TOK.pad_id))
+    return DataLoader(PromptDataset(problems, TOK), batch_size=batch_size,
+                      collate_fn=PromptCollator(TOK.pad_id))
 
 
 def length_reward(prompts, completions, **batch):
@@ -45,9 +47,11 @@ def varied_reward(prompts, completions, **batch):
 
 def online_trainer(model=None, lr=1e-2, **kw):
     model = model if model is not None else tiny_model()
-    args = dict(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0),
-                train_loader=prompt_loader(), num_samples_per_prompt=G, device="cpu", reward_fn=varied_reward,
-                tokenizer=TOK, max_completion_length=4, generation_seed=0, progress=False)
+    args = dict(model=model,
+                optimizer=torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0),
+                train_loader=prompt_loader(), num_samples_per_prompt=G, device="cpu",
+                reward_fn=varied_reward, tokenizer=TOK, max_completion_length=4, generation_seed=0,
+                progress=False)
     args.update(kw)
     return GRPOTrainer(**args)
 
@@ -74,9 +78,9 @@ def offline_batches(n_batches=2, groups=2, T=8, seed=0):
 
 def offline_trainer(batches, model=None, **kw):
     model = model if model is not None else tiny_model()
-    args = dict(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), train_loader=batches,
-                num_samples_per_prompt=G, device="cpu", max_completion_length=8, max_grad_norm=None,
-                max_steps=1, progress=False)
+    args = dict(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+                train_loader=batches, num_samples_per_prompt=G, device="cpu",
+                max_completion_length=8, max_grad_norm=None, max_steps=1, progress=False)
     args.update(kw)
     return GRPOTrainer(**args)
 
@@ -93,15 +97,17 @@ def test_prompt_collator_left_pads_and_keeps_text():
 def test_online_training_logs_every_metric(tmp_path):
     model = tiny_model()
     trainer = online_trainer(model, reward_fn=[correctness_reward, format_reward, length_reward],
-                             reward_weights=[1.0, 0.5, 0.1], ref_model=copy.deepcopy(model), beta=0.05,
-                             num_iterations=2, grad_accum_steps=2, max_steps=4, out_dir=str(tmp_path),
-                             val_loader=prompt_loader(PROBLEMS[:2]), eval_every=4)
+                             reward_weights=[1.0, 0.5, 0.1], ref_model=copy.deepcopy(model),
+                             beta=0.05, num_iterations=2, grad_accum_steps=2, max_steps=4,
+                             out_dir=str(tmp_path), val_loader=prompt_loader(PROBLEMS[:2]),
+                             eval_every=4)
     trainer.train()
     records = read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
     names = ("correctness_reward", "format_reward", "length_reward")
     keys = ["loss", "grad_norm", "lr", "reward", "reward_std", "frac_reward_zero_std", "kl",
             *CLIP_KEYS, "entropy", "num_tokens", "completions/mean_length",
-            "completions/clipped_ratio", *(f"rewards/{n}/{s}" for n in names for s in ("mean", "std"))]
+            "completions/clipped_ratio",
+            *(f"rewards/{n}/{s}" for n in names for s in ("mean", "std"))]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     for r in records:
         assert all(math.isfinite(r[k]) for k in keys), r
@@ -113,7 +119,8 @@ def test_online_training_logs_every_metric(tmp_path):
     assert records[0]["num_tokens"] == records[1]["num_tokens"] < records[2]["num_tokens"]
     assert trainer.generation_seconds > 0
     assert records[1]["kl"] > 0  # the policy has moved away from its copy
-    assert math.isfinite(read_jsonl(os.path.join(tmp_path, "metrics.jsonl"), split="eval")[0]["loss"])
+    assert math.isfinite(read_jsonl(os.path.join(tmp_path, "metrics.jsonl"),
+                                    split="eval")[0]["loss"])
     assert model.training  # generation switched to eval mode and back
 
 
@@ -131,7 +138,8 @@ def test_groups_are_contiguous_and_never_split():
     assert len(micro) == 2  # one micro-batch per loader batch of 2 prompts
     for i, rollout in enumerate(micro):
         prompts = [p.prompt for p in PROBLEMS[2 * i:2 * i + 2]]
-        expected = [p for p in prompts for _ in range(G)]  # prompt g's G samples in rows g*G .. g*G+G-1
+        # prompt g's G samples in rows g*G .. g*G+G-1
+        expected = [p for p in prompts for _ in range(G)]
         assert calls[i] == (expected, expected)
         P = rollout["input_ids"].shape[1] - 4
         assert [TOK.decode(row[:P].tolist()) for row in rollout["input_ids"]] == expected
@@ -163,7 +171,8 @@ class ScriptedGPT(TinyGPT):
 
     def __init__(self, script):
         torch.manual_seed(0)
-        super().__init__(GPTConfig(vocab_size=TOK.vocab_size, block_size=10, n_layer=1, n_head=2, n_embd=16))
+        super().__init__(GPTConfig(vocab_size=TOK.vocab_size, block_size=10, n_layer=1, n_head=2,
+                                   n_embd=16))
         self.script = script
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens=8, **kw):
@@ -171,7 +180,8 @@ class ScriptedGPT(TinyGPT):
 
 
 def script(*rows):
-    return torch.tensor([[TOK.eos_id if c == "$" else TOK.pad_id if c == "_" else TOK.stoi[c] for c in row]
+    return torch.tensor([[TOK.eos_id if c == "$" else TOK.pad_id if c == "_" else TOK.stoi[c]
+                          for c in row]
                          for row in rows])
 
 
@@ -185,8 +195,10 @@ def test_tokens_after_the_end_token_are_masked():
     runs = []
     for tails in (("777", "5555"), ("9$9", "1234")):  # different tokens after the end token
         model = ScriptedGPT(script("4$" + tails[0], "46899", "$" + tails[1], "12$__"))
-        trainer = online_trainer(model, reward_fn=reward, train_loader=prompt_loader(PROBLEMS[:1], 1),
-                                 max_completion_length=5, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        trainer = online_trainer(model, reward_fn=reward,
+                                 train_loader=prompt_loader(PROBLEMS[:1], 1),
+                                 max_completion_length=5,
+                                 optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                                  max_steps=1, loss_type="dapo")
         seen = capture(trainer)
         runs.append((trainer.train()[0], seen[0][0], model.state_dict()))
@@ -210,8 +222,9 @@ def nan_reward(prompts, completions, **batch):
     return [float("nan")] * len(completions)
 
 
-@pytest.mark.parametrize("fn, message", [(short_reward, "short_reward returned 7 rewards for 8 completions"),
-                                         (nan_reward, "nan_reward returned nan")])
+@pytest.mark.parametrize("fn, message", [
+    (short_reward, "short_reward returned 7 rewards for 8 completions"),
+    (nan_reward, "nan_reward returned nan")])
 def test_bad_reward_function_is_a_clear_error(fn, message):
     with pytest.raises(ValueError, match=message):
         online_trainer(reward_fn=[length_reward, fn], max_steps=1).train()
@@ -290,7 +303,8 @@ def test_offline_step_equals_hand_computation(loss_type):
     assert record["loss"] == pytest.approx(loss.item(), rel=1e-5)
     start = dict(hand.named_parameters())
     for name, p in model.named_parameters():
-        torch.testing.assert_close(p.detach() - start[name].detach(), -start[name].grad, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(p.detach() - start[name].detach(), -start[name].grad,
+                                   rtol=1e-4, atol=1e-7)
 
 
 def test_all_equal_reward_group_contributes_no_gradient():
@@ -323,8 +337,8 @@ def test_seeded_generation_is_reproducible():
 
 
 def test_resume_in_the_middle_of_a_reused_rollout_is_bitwise(tmp_path):
-    """5 straight steps with num_iterations=2 == 3 steps (the checkpoint falls between the two uses of
-    the second rollout) + resume for steps 4 and 5: the cached rollout and the sampling stream
+    """5 straight steps with num_iterations=2 == 3 steps (the checkpoint falls between the two uses
+    of the second rollout) + resume for steps 4 and 5: the cached rollout and the sampling stream
     come back with the checkpoint."""
     ckpt = str(tmp_path / "ckpt")
     straight_model = tiny_model()
@@ -335,7 +349,8 @@ def test_resume_in_the_middle_of_a_reused_rollout_is_bitwise(tmp_path):
                              resume_from="latest").train()
     assert [r["step"] for r in resumed] == [4, 5]
     assert [r["loss"] for r in straight] == [r["loss"] for r in first + resumed]
-    assert all(torch.equal(v, resumed_model.state_dict()[k]) for k, v in straight_model.state_dict().items())
+    assert all(torch.equal(v, resumed_model.state_dict()[k])
+               for k, v in straight_model.state_dict().items())
 
 
 # --- DDP ----------------------------------------------------------------------------------------
@@ -343,20 +358,23 @@ def test_offline_ddp_equals_one_process(tmp_path):
     """2 processes x 2 micro-batches of 1 group == 1 process x 1 batch of 4 groups, over 10 steps,
     for grpo (num_iterations=2), dapo (batch-scaled rewards, KL) and dr_grpo."""
     script = os.path.join(ROOT, "tests", "scripts", "grpo_offline_ddp.py")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT,
+               TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     one, two = str(tmp_path / "one.pt"), str(tmp_path / "two.pt")
-    r = subprocess.run([sys.executable, script, "--out", one], env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, script, "--out", one], env=env, capture_output=True,
+                       text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        script, "--out", two, "--grad-accum-steps", "2"], env=env, capture_output=True,
-                       text=True, timeout=180)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", script, "--out", two, "--grad-accum-steps", "2"],
+                       env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
     for name in a:
         assert len(a[name]["loss"]) == len(b[name]["loss"]) == 10
         # the GRPO loss at ratio 1 is minus the mean advantage, 0 up to rounding: hence the atol
-        torch.testing.assert_close(torch.tensor(b[name]["loss"]), torch.tensor(a[name]["loss"]), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(torch.tensor(b[name]["grad_norm"]), torch.tensor(a[name]["grad_norm"]),
-                                   rtol=1e-5, atol=0)
+        torch.testing.assert_close(torch.tensor(b[name]["loss"]), torch.tensor(a[name]["loss"]),
+                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.tensor(b[name]["grad_norm"]),
+                                   torch.tensor(a[name]["grad_norm"]), rtol=1e-5, atol=0)
         for k, v in a[name]["params"].items():
             assert (b[name]["params"][k] - v).norm() <= 1e-5 * v.norm(), (name, k)

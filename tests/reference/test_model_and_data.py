@@ -18,7 +18,8 @@ def test_tokenizer_round_trip_and_unknown_character():
 
 @pytest.mark.parametrize("digits", [1, 2, 3])
 def test_train_and_eval_splits_are_disjoint(digits):
-    train, held = make_addition_splits(digits, n_eval=50, n_train=500 if digits == 3 else None, seed=3)
+    train, held = make_addition_splits(digits, n_eval=50, n_train=500 if digits == 3 else None,
+                                       seed=3)
     assert len(held) == 50 and len(set(held)) == 50
     assert set(train).isdisjoint(held)
     assert len(set(train)) == len(train)
@@ -110,12 +111,15 @@ def test_generate_stops_rows_at_eos_and_pads_after():
 def test_sampling_is_seeded_and_top_k_limits_tokens():
     model = tiny_model()
     ids = torch.tensor([[5, 6, 12]] * 8)
-    a = model.generate(ids, max_new_tokens=6, do_sample=True, generator=torch.Generator().manual_seed(1))
-    b = model.generate(ids, max_new_tokens=6, do_sample=True, generator=torch.Generator().manual_seed(1))
+    a = model.generate(ids, max_new_tokens=6, do_sample=True,
+                       generator=torch.Generator().manual_seed(1))
+    b = model.generate(ids, max_new_tokens=6, do_sample=True,
+                       generator=torch.Generator().manual_seed(1))
     assert a.tolist() == b.tolist()
     top1 = model.generate(ids, max_new_tokens=6, do_sample=True, top_k=1,
                           generator=torch.Generator().manual_seed(2))
-    assert top1.tolist() == model.generate(ids, max_new_tokens=6).tolist()  # top-1 sampling is greedy
+    # top-1 sampling is greedy
+    assert top1.tolist() == model.generate(ids, max_new_tokens=6).tolist()
 
 
 def test_generate_rejects_prompts_that_do_not_fit():
@@ -146,5 +150,6 @@ def test_exact_match_counts_right_answers():
                 rows.append(toks + [pad_token_id] * (max_new_tokens - len(toks)))
             return torch.tensor(rows)
 
-    problems = [Problem(1, 2, 2), Problem(2, 2, 2), Problem(10, 5, 2), Problem(40, 2, 2)]  # sums 3, 4, 15, 42
+    # sums 3, 4, 15, 42
+    problems = [Problem(1, 2, 2), Problem(2, 2, 2), Problem(10, 5, 2), Problem(40, 2, 2)]
     assert exact_match(Oracle(), problems, tok) == 0.5

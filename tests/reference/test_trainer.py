@@ -1,4 +1,5 @@
-"""The Trainer's loop: token normalization over micro-batches, clipping, the GradScaler, AMP choice."""
+"""The Trainer's loop: token normalization over micro-batches, clipping, the GradScaler, AMP
+choice."""
 import pytest
 import torch
 
@@ -22,9 +23,10 @@ def test_token_normalization_matches_full_batch_and_mean_of_means_does_not():
     tok = CharTokenizer()
     model = TinyGPT(GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_embd=32))
     collate = SFTCollator(tok.pad_id)
-    short = collate([SFTDataset([Problem(1, 2, 2)], tok)[0]] * 3)                  # 2 targets per row
-    long = collate([SFTDataset([Problem(99, 98, 2)], tok)[0]])                       # 4 targets
-    full = collate([SFTDataset([Problem(1, 2, 2)], tok)[0]] * 3 + [SFTDataset([Problem(99, 98, 2)], tok)[0]])
+    short = collate([SFTDataset([Problem(1, 2, 2)], tok)[0]] * 3)  # 2 targets per row
+    long = collate([SFTDataset([Problem(99, 98, 2)], tok)[0]])     # 4 targets
+    full = collate([SFTDataset([Problem(1, 2, 2)], tok)[0]] * 3
+                   + [SFTDataset([Problem(99, 98, 2)], tok)[0]])
 
     def loss_sum(b):
         return sft_loss_sum(model(b["input_ids"]), b["labels"])
@@ -47,8 +49,8 @@ def make_trainer(**kw):
     ds = SFTDataset([Problem(a, b, 2) for a, b in [(1, 2), (34, 56), (78, 9), (12, 88)]], tok)
     loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=SFTCollator(tok.pad_id))
     opt = configure_optimizer(model=model, optimizer_type="adamw", lr=1e-2, weight_decay=0.0)
-    args = dict(model=model, optimizer=opt, train_loader=loader, val_loader=None, device="cpu", max_epochs=1,
-                grad_accum_steps=1, use_amp=False, progress=False)
+    args = dict(model=model, optimizer=opt, train_loader=loader, val_loader=None, device="cpu",
+                max_epochs=1, grad_accum_steps=1, use_amp=False, progress=False)
     args.update(kw)
     return SFTTrainer(**args)
 
@@ -59,14 +61,16 @@ def test_clipping_bounds_the_norm_and_logs_the_pre_clip_norm():
     step = trainer.optimizer.step
 
     def checked_step(*a, **k):  # the gradients the optimizer actually uses
-        seen.append(torch.nn.utils.get_total_norm([p.grad for p in trainer.raw_model.parameters()]).item())
+        seen.append(torch.nn.utils.get_total_norm(
+            [p.grad for p in trainer.raw_model.parameters()]).item())
         return step(*a, **k)
 
     trainer.optimizer.step = checked_step
     history = trainer.train()
     assert len(seen) == 2
     assert all(n <= 1e-3 * (1 + 1e-5) for n in seen)
-    assert all(r["grad_norm"] > 1e-2 for r in history)  # logged before clipping: far above the limit
+    # logged before clipping: far above the limit
+    assert all(r["grad_norm"] > 1e-2 for r in history)
 
 
 def test_grad_scaler_skips_an_overflowing_step_and_lowers_the_scale():

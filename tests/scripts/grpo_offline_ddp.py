@@ -21,7 +21,8 @@ from reference.model import GPTConfig, TinyGPT
 G, T, VOCAB = 4, 10, 14
 CONFIGS = {
     "grpo_two_iterations": dict(loss_type="grpo", num_iterations=2),
-    "dapo_batch_scale_kl_two_iterations": dict(loss_type="dapo", scale_rewards="batch", beta=0.1, num_iterations=2),
+    "dapo_batch_scale_kl_two_iterations": dict(loss_type="dapo", scale_rewards="batch", beta=0.1,
+                                               num_iterations=2),
     "dr_grpo_no_scale": dict(loss_type="dr_grpo", scale_rewards="none"),
 }
 
@@ -56,13 +57,14 @@ def train(config, groups, env, args):
             for p in ref.parameters():
                 p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
     per_rank = args.groups_per_step // (env.world_size * args.grad_accum_steps)
-    sampler = DistributedSampler(groups, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=0,
-                                 drop_last=True)
-    loader = DataLoader(groups, batch_size=per_rank, sampler=sampler, drop_last=True, collate_fn=collate)
+    sampler = DistributedSampler(groups, num_replicas=env.world_size, rank=env.rank, shuffle=True,
+                                 seed=0, drop_last=True)
+    loader = DataLoader(groups, batch_size=per_rank, sampler=sampler, drop_last=True,
+                        collate_fn=collate)
     trainer = GRPOTrainer(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
-                          train_loader=loader, num_samples_per_prompt=G, device="cpu", ref_model=ref,
-                          max_completion_length=T, max_steps=10, grad_accum_steps=args.grad_accum_steps,
-                          progress=False, **config)
+                          train_loader=loader, num_samples_per_prompt=G, device="cpu",
+                          ref_model=ref, max_completion_length=T, max_steps=10,
+                          grad_accum_steps=args.grad_accum_steps, progress=False, **config)
     history = trainer.train()
     return {"loss": [r["loss"] for r in history], "grad_norm": [r["grad_norm"] for r in history],
             "params": {k: v.clone() for k, v in model.state_dict().items()}}
