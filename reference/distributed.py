@@ -61,11 +61,14 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over every rank, in place; returns the tensor for chaining."""
-    if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
+def all_reduce_sum(tensor: torch.Tensor, async_op=False):
+    """Sum over every rank, in place; returns the tensor for chaining. With async_op, starts
+    the all-reduce and returns its work handle (`.wait()` before reading the tensor), or None
+    when there is nothing to wait for (a single process)."""
+    if not is_distributed():
+        return None if async_op else tensor
+    work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=async_op)
+    return work if async_op else tensor
 
 
 def barrier():

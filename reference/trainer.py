@@ -191,13 +191,10 @@ class Trainer:
 
     def training_step(self, micro):
         """One optimizer step over `grad_accum_steps` micro-batches."""
-        counts = all_reduce_sum(sum(torch.stack([torch.as_tensor(self.count(b)), torch.as_tensor(
-            self.count_tokens(b))]).to(self.device, torch.float32) for b in micro))
-        count, tokens = counts[0], counts[1]
-        if count.item() == 0:
-            raise ValueError(f"step {self.step + 1}: no target tokens in the batch (every label is "
-                             "-100?); check the collator's labels")
-        scale = self.dist.world_size / count  # DDP averages gradients over ranks: undo that mean
+        # the step's [loss count, tokens], summed over ranks while the first forward runs
+        counts = sum(torch.stack([torch.as_tensor(self.count(b)), torch.as_tensor(
+            self.count_tokens(b))]).to(self.device, torch.float32) for b in micro)
+        counting = all_reduce_sum(counts, async_op=True)
         loss_sum, sums = torch.zeros((), device=self.device), {}
         for i, batch in enumerate(micro):
             last = i == len(micro) - 1
@@ -205,6 +202,14 @@ class Trainer:
             with sync:
                 with autocast_context(self.device, self.amp_dtype):
                     part, metrics = self.compute_loss(self.model, batch)
+                if i == 0:  # the global counts are needed from the first backward on
+                    if counting is not None:
+                        counting.wait()
+                    if counts[0].item() == 0:
+                        raise ValueError(f"step {self.step + 1}: no target tokens in the batch "
+                                         "(every label is -100?); check the collator's labels")
+                    # DDP averages gradients over ranks: world_size / count undoes that mean
+                    scale = self.dist.world_size / counts[0]
                 self.scaler.scale(part * scale).backward()
             loss_sum += part.detach().float()
             for name, (s, n) in metrics.items():
@@ -212,13 +217,19 @@ class Trainer:
                 total += torch.stack([
                     torch.as_tensor(s, dtype=torch.float32, device=self.device).detach(),
                     torch.as_tensor(n, dtype=torch.float32, device=self.device)])
-        loss = all_reduce_sum(loss_sum) / count
+        # everything logged, summed over ranks in one all-reduce while the gradients are clipped
+        logged = torch.cat([loss_sum.reshape(1), *sums.values()])
+        logging = all_reduce_sum(logged, async_op=True)
         self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the loss-scaled ones
         params = [p for p in self.raw_model.parameters() if p.grad is not None]
         if self.max_grad_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if logging is not None:
+            logging.wait()
+        count, tokens = counts[0], counts[1]
+        loss = logged[0] / count
         self.check_finite(loss, grad_norm)  # before the step: nothing non-finite is applied
         lr = self.optimizer.param_groups[0]["lr"]
         scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
@@ -234,8 +245,7 @@ class Trainer:
                   "tokens": int(tokens.item()), "loss_count": int(count.item())}
         if self.scaler.is_enabled():  # only fp16's GradScaler ever skips a step
             record["skipped_steps"] = self.skipped_steps
-        for name, total in sums.items():
-            s, n = all_reduce_sum(total).tolist()
+        for name, (s, n) in zip(sums, logged[1:].view(-1, 2).tolist()):
             record[name] = s / n if n else 0.0
         return record
 
