@@ -47,7 +47,7 @@ def get_args(argv=None):
     return args
 
 
-def configure_optimizer(model, lr, weight_decay):
+def configure_optimizer(model, lr, weight_decay):  # exercise 01
     """AdamW with two parameter groups. Weight decay pulls weights towards zero; it goes on the
     matrices that mix features (linear layers). Biases and LayerNorm gains are left alone, and
     so are the embeddings here, a recipe choice (nanoGPT decays its token embedding)."""
@@ -59,7 +59,7 @@ def configure_optimizer(model, lr, weight_decay):
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
 
 
-def lr_multiplier(step, warmup_steps, max_steps, min_ratio=0.1):
+def lr_multiplier(step, warmup_steps, max_steps, min_ratio=0.1):  # exercise 01
     """Linear warmup from 0, then cosine decay to min_ratio of the peak learning rate."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
@@ -67,7 +67,7 @@ def lr_multiplier(step, warmup_steps, max_steps, min_ratio=0.1):
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def sft_loss_sum(logits, labels):
+def sft_loss_sum(logits, labels):  # exercise 01
     """Summed next-token cross-entropy over the target tokens, and how many there are.
 
     The logits at position t predict the token at t+1, so labels shift left by one. Labels of
@@ -88,7 +88,7 @@ def sft_loss(model, batch):
     return loss_sum, {"mean_token_accuracy": (right, n)}
 
 
-def count_targets(batch):
+def count_targets(batch):  # exercise 01
     """What the loss is averaged over, and how many tokens it trains: for SFT both are the
     target tokens (chapter 04's DPO averages over pairs instead)."""
     n = (batch["labels"][:, 1:] != -100).sum()

@@ -55,11 +55,11 @@ def get_args(argv=None):
     return args
 
 
-def autocast(device, dtype):
+def autocast(device, dtype):  # exercise 02
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
-def configure_optimizer(model, lr, weight_decay):
+def configure_optimizer(model, lr, weight_decay):  # exercise 01
     """AdamW with two parameter groups. Weight decay pulls weights towards zero; it goes on the
     matrices that mix features (linear layers). Biases and LayerNorm gains are left alone, and
     so are the embeddings here, a recipe choice (nanoGPT decays its token embedding)."""
@@ -71,7 +71,7 @@ def configure_optimizer(model, lr, weight_decay):
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
 
 
-def lr_multiplier(step, warmup_steps, max_steps, min_ratio=0.1):
+def lr_multiplier(step, warmup_steps, max_steps, min_ratio=0.1):  # exercise 01
     """Linear warmup from 0, then cosine decay to min_ratio of the peak learning rate."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
@@ -79,7 +79,7 @@ def lr_multiplier(step, warmup_steps, max_steps, min_ratio=0.1):
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def sft_loss_sum(logits, labels):
+def sft_loss_sum(logits, labels):  # exercise 01
     """Summed next-token cross-entropy over the target tokens, and how many there are.
 
     The logits at position t predict the token at t+1, so labels shift left by one. Labels of
@@ -100,7 +100,7 @@ def sft_loss(model, batch):
     return loss_sum, {"mean_token_accuracy": (right, n)}
 
 
-def count_targets(batch):
+def count_targets(batch):  # exercise 01
     """What the loss is averaged over, and how many tokens it trains: for SFT both are the
     target tokens (chapter 04's DPO averages over pairs instead)."""
     n = (batch["labels"][:, 1:] != -100).sum()
@@ -156,19 +156,21 @@ def train(model, optimizer, scheduler, train_loader, evaluate_fn, args,
     for step in bar:
         micro = [to_device(next(batches), args.device) for _ in range(args.grad_accum_steps)]
         # the step's [loss count, tokens], known before any forward: every micro-batch divides by it
-        counts = sum(torch.stack(count_fn(batch)) for batch in micro)
+        counts = sum(torch.stack(count_fn(batch)) for batch in micro)  # exercise 02: counts
         loss_sum, sums = 0.0, {}
         optimizer.zero_grad(set_to_none=True)
         for batch in micro:
             with autocast(args.device, args.amp_dtype):
                 part, metrics = loss_fn(model, batch)
-            scaler.scale(part * (1 / counts[0])).backward()
+            scaler.scale(part * (1 / counts[0])).backward()  # exercise 02: normalize
             loss_sum = loss_sum + part.detach()
             for name, (s, n) in metrics.items():  # summed over micro-batches, divided once
                 total = torch.stack([s.detach().float(), torch.as_tensor(n).float()])
                 sums[name] = sums.get(name, 0) + total
+        # exercise 02: clip
         scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        # end exercise
         if not torch.isfinite(grad_norm) and not scaler.is_enabled():
             # stop before a NaN or inf reaches the weights (with fp16, the scaler skips the step)
             raise FloatingPointError(f"step {step}: the gradient norm is {grad_norm.item()}; "

@@ -90,7 +90,7 @@ def get_args(argv=None):
     return args
 
 
-def setup_distributed(device):
+def setup_distributed(device):  # exercise 03
     """Join the process group if torchrun started us. Returns (rank, world_size, device)."""
     if "RANK" not in os.environ:
         return 0, 1, device
@@ -103,11 +103,11 @@ def setup_distributed(device):
     return rank, world_size, device
 
 
-def autocast(device, dtype):
+def autocast(device, dtype):  # exercise 02
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
-def configure_optimizer(model, lr, weight_decay):
+def configure_optimizer(model, lr, weight_decay):  # exercise 01
     """AdamW with two parameter groups. Weight decay pulls weights towards zero; it goes on the
     matrices that mix features (linear layers). Biases and LayerNorm gains are left alone, and
     so are the embeddings here, a recipe choice (nanoGPT decays its token embedding)."""
@@ -119,7 +119,7 @@ def configure_optimizer(model, lr, weight_decay):
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
 
 
-def lr_multiplier(step, warmup_steps, max_steps, min_ratio=0.1):
+def lr_multiplier(step, warmup_steps, max_steps, min_ratio=0.1):  # exercise 01
     """Linear warmup from 0, then cosine decay to min_ratio of the peak learning rate."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
@@ -127,7 +127,7 @@ def lr_multiplier(step, warmup_steps, max_steps, min_ratio=0.1):
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def sft_loss_sum(logits, labels):
+def sft_loss_sum(logits, labels):  # exercise 01
     """Summed next-token cross-entropy over the target tokens, and how many there are.
 
     The logits at position t predict the token at t+1, so labels shift left by one. Labels of
@@ -148,14 +148,14 @@ def sft_loss(model, batch):
     return loss_sum, {"mean_token_accuracy": (right, n)}
 
 
-def count_targets(batch):
+def count_targets(batch):  # exercise 01
     """What the loss is averaged over, and how many tokens it trains: for SFT both are the
     target tokens (chapter 04's DPO averages over pairs instead)."""
     n = (batch["labels"][:, 1:] != -100).sum()
     return n, n
 
 
-def sequence_logps(logits, labels):
+def sequence_logps(logits, labels):  # exercise 04
     """log p(completion | prompt), one per row: the summed log-probs of the target tokens. In
     float32: in bf16, sums over many tokens lose the small differences DPO is made of."""
     logps = logits[:, :-1].float().log_softmax(dim=-1)
@@ -164,7 +164,7 @@ def sequence_logps(logits, labels):
     return torch.where(targets != -100, per_token, 0.0).sum(dim=-1)
 
 
-def concatenated_logps(model, batch, pad_id):
+def concatenated_logps(model, batch, pad_id):  # exercise 04
     """log p(chosen) and log p(rejected), from ONE forward pass over both halves: the weights
     are read once. The narrower half is right-padded to the width of the other."""
     T = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
@@ -176,7 +176,7 @@ def concatenated_logps(model, batch, pad_id):
     return sequence_logps(logits, both("labels", -100)).chunk(2)
 
 
-def dpo_loss(model, ref_model, batch, args):
+def dpo_loss(model, ref_model, batch, args):  # exercise 04
     """The DPO loss summed over the batch's pairs, and TRL's metrics as (sum, pairs).
 
     logits = log pi(chosen) - log pi(rejected) - (the same under the reference): how much more
@@ -203,7 +203,7 @@ def dpo_loss(model, ref_model, batch, args):
     return losses.sum(), metrics
 
 
-def count_pairs(batch):
+def count_pairs(batch):  # exercise 04
     """DPO averages its loss over pairs; the tokens it trains are both completions'."""
     labels = [batch[f"{side}_labels"][:, 1:] for side in ("chosen", "rejected")]
     return torch.tensor(len(labels[0])), sum((side != -100).sum() for side in labels)
@@ -222,7 +222,7 @@ def preference_accuracy(model, loader, args):
     return wins / total
 
 
-def forever(loader, position):
+def forever(loader, position):  # exercise 03
     """Batches without end: a fresh shuffle at every pass over the data. `position` (epoch, and
     batches already taken in it) is kept up to date, so a resumed run skips exactly those."""
     while True:
@@ -238,7 +238,7 @@ def to_device(batch, device):
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def sharded_loader(dataset, collate, args):
+def sharded_loader(dataset, collate, args):  # exercise 03
     """This rank's own 1/world_size of every epoch (one process: the whole epoch), reshuffled at
     each epoch. The loader's own generator keeps epoch starts off the global RNG (exact resume)."""
     sampler = DistributedSampler(dataset, num_replicas=args.world_size, rank=args.rank,
@@ -277,7 +277,7 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(folder, step, state, keep_last):
+def save_checkpoint(folder, step, state, keep_last):  # exercise 03
     """folder/step_XXXXXX/ with state.pt and its SHA-256. Both are written into a temporary
     folder, flushed to the disk, and only then is the folder renamed into place: a crash or a
     full disk mid-save leaves the previous checkpoint the newest complete one."""
@@ -301,7 +301,7 @@ def save_checkpoint(folder, step, state, keep_last):
         shutil.rmtree(os.path.join(folder, name))
 
 
-def load_latest(folder, keys):
+def load_latest(folder, keys):  # exercise 03
     """(path, state) of the newest checkpoint in folder that verifies: its checksum matches, it
     loads with weights_only=True (tensors and plain containers, never pickled code), and it has
     every one of keys. A damaged one is skipped with a warning that says why. (None, None) when
@@ -333,7 +333,7 @@ CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "step", "epoch",
                    "skipped_steps", "stopped", "world_size", "rng")
 
 
-def checkpoint_state(model, optimizer, scheduler, scaler, progress, args):
+def checkpoint_state(model, optimizer, scheduler, scaler, progress, args):  # exercise 03
     """Everything a bitwise resume needs. Every rank's RNG states go in: ranks draw differently."""
     rngs = [rng_state()]
     if args.world_size > 1:
@@ -344,7 +344,7 @@ def checkpoint_state(model, optimizer, scheduler, scaler, progress, args):
             "world_size": args.world_size, "rng": rngs}
 
 
-def resume(model, optimizer, scheduler, scaler, progress, args):
+def resume(model, optimizer, scheduler, scaler, progress, args):  # exercise 03
     """Load the newest checkpoint that verifies (every rank reads it). Returns its step, or 0."""
     path, state = load_latest(os.path.join(args.out, "checkpoints"), CHECKPOINT_KEYS)
     if state is None:
@@ -425,7 +425,7 @@ def train(model, optimizer, scheduler, train_loader, evaluate_fn, args,
         micro = [to_device(next(batches), args.device) for _ in range(args.grad_accum_steps)]
         # the step's [loss count, tokens], known before any forward: every micro-batch divides by
         # it. Summed over ranks by an all-reduce that runs while the first forward does
-        counts = sum(torch.stack(count_fn(batch)) for batch in micro)
+        counts = sum(torch.stack(count_fn(batch)) for batch in micro)  # exercise 02: counts
         counting = dist.all_reduce(counts, async_op=True) if args.world_size > 1 else None
         loss_sum, sums = 0.0, {}
         optimizer.zero_grad(set_to_none=True)
@@ -437,7 +437,7 @@ def train(model, optimizer, scheduler, train_loader, evaluate_fn, args,
                     part, metrics = loss_fn(model, batch)
                 if counting is not None:
                     counting.wait()  # the global counts, needed from here on
-                scaler.scale(part * (args.world_size / counts[0])).backward()
+                scaler.scale(part * (args.world_size / counts[0])).backward()  # exercise 03: factor
             loss_sum = loss_sum + part.detach()
             for name, (s, n) in metrics.items():  # summed over micro-batches, divided once
                 total = torch.stack([s.detach().float(), torch.as_tensor(n).float()])
@@ -445,8 +445,10 @@ def train(model, optimizer, scheduler, train_loader, evaluate_fn, args,
         # everything logged, summed over ranks by one all-reduce that runs during the update
         logged = torch.cat([loss_sum.reshape(1), *sums.values()])
         logging = dist.all_reduce(logged, async_op=True) if args.world_size > 1 else None
+        # exercise 02: clip
         scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        # end exercise
         if not torch.isfinite(grad_norm) and not scaler.is_enabled():
             # stop before a NaN or inf reaches the weights (with fp16, the scaler skips the step)
             raise FloatingPointError(f"step {step}: the gradient norm is {grad_norm.item()}; "
@@ -555,7 +557,7 @@ def run(args):
               f"{args.world_size} process(es); {len(train_problems)} train / "
               f"{len(eval_problems)} held-out problems")
     # DDP broadcasts rank 0's weights at construction and all-reduces gradients in backward
-    train_model = DDP(model) if args.world_size > 1 else model
+    train_model = DDP(model) if args.world_size > 1 else model  # exercise 03: ddp
 
     def evaluate_fn():
         return {"loss": evaluate(model, val_loader, args.device, args.amp_dtype),
@@ -608,7 +610,7 @@ def dpo_phase(args, model, train_model, tok, train_problems, eval_problems, eval
                                             batch_size=256, collate_fn=pair_collate)
     # the reference: a frozen copy of the SFT model. eval() turns its dropout off; the policy's
     # is 0 too (GPTConfig.dropout), or noise would move even the first loss away from ln 2
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # exercise 04: ref_model
     optimizer = configure_optimizer(model, lr=args.dpo_lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, args.dpo_warmup_steps, args.max_steps))

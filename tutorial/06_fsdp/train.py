@@ -93,7 +93,7 @@ def get_args(argv=None):
     return args
 
 
-def setup_distributed(device):
+def setup_distributed(device):  # exercise 03
     """Join torchrun's process group, or, as one process, make a group of one: FSDP shards over a
     process group even when it has one rank. Returns (rank, world_size, device)."""
     if device.type not in ("cpu", "cuda"):
@@ -112,11 +112,11 @@ def setup_distributed(device):
     return rank, world_size, device
 
 
-def autocast(device, dtype):
+def autocast(device, dtype):  # exercise 02
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
-def configure_optimizer(model, lr, weight_decay):
+def configure_optimizer(model, lr, weight_decay):  # exercise 01
     """AdamW with two parameter groups. Weight decay pulls weights towards zero; it goes on the
     matrices that mix features (linear layers). Biases and LayerNorm gains are left alone, and
     so are the embeddings here, a recipe choice (nanoGPT decays its token embedding)."""
@@ -128,7 +128,7 @@ def configure_optimizer(model, lr, weight_decay):
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
 
 
-def lr_multiplier(step, warmup_steps, max_steps, min_ratio=0.1):
+def lr_multiplier(step, warmup_steps, max_steps, min_ratio=0.1):  # exercise 01
     """Linear warmup from 0, then cosine decay to min_ratio of the peak learning rate."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
@@ -136,7 +136,7 @@ def lr_multiplier(step, warmup_steps, max_steps, min_ratio=0.1):
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def sft_loss_sum(logits, labels):
+def sft_loss_sum(logits, labels):  # exercise 01
     """Summed next-token cross-entropy over the target tokens, and how many there are.
 
     The logits at position t predict the token at t+1, so labels shift left by one. Labels of
@@ -157,14 +157,14 @@ def sft_loss(model, batch):
     return loss_sum, {"mean_token_accuracy": (right, n)}
 
 
-def count_targets(batch):
+def count_targets(batch):  # exercise 01
     """What the loss is averaged over, and how many tokens it trains: for SFT both are the
     target tokens (chapter 04's DPO averages over pairs instead)."""
     n = (batch["labels"][:, 1:] != -100).sum()
     return n, n
 
 
-def forever(loader, position, samples_per_batch):
+def forever(loader, position, samples_per_batch):  # exercise 06
     """Batches without end: a fresh shuffle at every pass over the data. `position` (epoch, and
     samples all ranks together took from it) is kept up to date, so a resumed run skips exactly
     those, whatever its world size: the epoch's order is one permutation for every world size,
@@ -183,7 +183,7 @@ def to_device(batch, device):
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def sharded_loader(dataset, collate, args):
+def sharded_loader(dataset, collate, args):  # exercise 03
     """This rank's own 1/world_size of every epoch (one process: the whole epoch), reshuffled at
     each epoch. The loader's own generator keeps epoch starts off the global RNG (exact resume)."""
     sampler = DistributedSampler(dataset, num_replicas=args.world_size, rank=args.rank,
@@ -230,7 +230,7 @@ def sha256(path):
     return digest.hexdigest()
 
 
-def save_checkpoint(folder, step, state, args):
+def save_checkpoint(folder, step, state, args):  # exercise 06
     """folder/step_XXXXXX/, written by every rank: DCP puts each rank's shard of the model and
     optimizer state in its own file (__RANK_0.distcp) and an index of which slice of which tensor
     is where (.metadata); rank 0 adds trainer.pt, the small rest of the state, and sha256.json,
@@ -318,7 +318,7 @@ CHECKPOINT_KEYS = ("scheduler", "scaler", "step", "epoch", "sample_in_epoch", "s
                    "world_size", "global_batch", "rng")  # trainer.pt's; the shards hold the rest
 
 
-def checkpoint_state(model, optimizer, scheduler, scaler, progress, args):
+def checkpoint_state(model, optimizer, scheduler, scaler, progress, args):  # exercise 06
     """Everything a bitwise resume needs. The model and optimizer states are this rank's shards
     (DTensors), named by parameter, not by position, so that any world size can read them back.
     Every rank's RNG states go in: ranks draw differently."""
@@ -345,7 +345,7 @@ def check_fits(path, model_state):
                                    f"{here.get(k, 'missing')} here" for k in differ[:3]))
 
 
-def resume(model, optimizer, scheduler, scaler, progress, args):
+def resume(model, optimizer, scheduler, scaler, progress, args):  # exercise 06
     """Load the newest checkpoint that verifies. Each rank reads, from whichever files hold
     them, the slices that make up its shards now: DCP reshards, so the world size may change.
     The step's global batch may not, nor may the data position fall mid-batch. Returns the
@@ -409,7 +409,7 @@ def evaluate(model, loader, device, amp_dtype=None, loss_fn=sft_loss, count_fn=c
     return total / count
 
 
-def clip_grad_norm_(model, max_norm):
+def clip_grad_norm_(model, max_norm):  # exercise 06
     """Scale the gradient down to max_norm if its norm is larger; return that norm. Each rank
     holds only a shard of every gradient, and its own norm is not the one: every rank sums its
     squares, an all-reduce adds up the sums of all ranks, and every rank scales its shard by the
@@ -458,7 +458,7 @@ def train(model, optimizer, scheduler, train_loader, evaluate_fn, args,
         micro = [to_device(next(batches), args.device) for _ in range(args.grad_accum_steps)]
         # the step's [loss count, tokens], known before any forward: every micro-batch divides by
         # it. Summed over ranks by an all-reduce that runs while the first forward does
-        counts = sum(torch.stack(count_fn(batch)) for batch in micro)
+        counts = sum(torch.stack(count_fn(batch)) for batch in micro)  # exercise 02: counts
         counting = dist.all_reduce(counts, async_op=True) if args.world_size > 1 else None
         loss_sum, sums = 0.0, {}
         optimizer.zero_grad(set_to_none=True)
@@ -477,8 +477,10 @@ def train(model, optimizer, scheduler, train_loader, evaluate_fn, args,
         # everything logged, summed over ranks by one all-reduce that runs during the update
         logged = torch.cat([loss_sum.reshape(1), *sums.values()])
         logging = dist.all_reduce(logged, async_op=True) if args.world_size > 1 else None
+        # exercise 02: clip
         scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
         grad_norm = clip_grad_norm_(model, args.max_grad_norm)
+        # end exercise
         if not torch.isfinite(grad_norm) and not scaler.is_enabled():
             # stop before a NaN or inf reaches the weights (with fp16, the scaler skips the step)
             raise FloatingPointError(f"step {step}: the gradient norm is {grad_norm.item()}; "
@@ -576,6 +578,7 @@ def run(args):
     model = TinyGPT(cfg).to(args.device)
     # FSDP2: shard every block, then the root (embeddings, final norm, head). Nothing is broadcast:
     # every rank built the same weights from the same seed, and keeps only its 1/N of each
+    # exercise 06: fsdp
     mesh = init_device_mesh(args.device.type, (args.world_size,))
     # bf16 weights make bf16 activations; no input casts, which would copy generate()'s KV cache
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
@@ -587,6 +590,7 @@ def run(args):
         fully_shard(block, mesh=mesh, mp_policy=policy)  # gathered for its forward, then freed
     fully_shard(model, mesh=mesh, mp_policy=policy)
     register_fsdp_forward_method(model, "generate")  # generate() gathers weights as forward() does
+    # end exercise
     optimizer = configure_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, args.warmup_steps, args.max_steps))
