@@ -2,8 +2,9 @@
 
 It owns what chapters 01-03 teach: the optimizer step and schedule, evaluation and
 metrics.jsonl (01); autocast, gradient accumulation with global token normalization and
-clipping (02); DDP, checkpoints and exact resume (03). A method (SFT, DPO, GRPO) subclasses it
-and supplies only `compute_loss` and `count` - its loss and what the loss is averaged over.
+clipping (02); DDP, checkpoints and exact resume (03); with parallelism="fsdp", FSDP2 and sharded
+checkpoints instead (06, in fsdp.py). A method (SFT, DPO, GRPO) subclasses it and supplies only
+`compute_loss` and `count` - its loss and what the loss is averaged over.
 """
 import difflib
 import math
@@ -17,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from . import rundir
+from . import fsdp, rundir
 from .distributed import all_gather_object, all_reduce_sum, barrier, init_distributed
 from .runtime import autocast_context, make_grad_scaler, resolve_amp_dtype, resolve_device
 from .metrics import MetricsLog
@@ -29,13 +30,20 @@ class Trainer:
     `compute_loss` returns `(loss_sum, metrics)`: the loss summed over the units `count` counts
     (target tokens for SFT, pairs for DPO), and a dict of `name: (sum, n)` metrics. The trainer
     divides by the count over every micro-batch and rank, so the step's loss is the same mean
-    however the batch is split."""
+    however the batch is split.
+
+    parallelism: "ddp" (default) replicates the model on every rank that torchrun started;
+    "fsdp" shards it (FSDP2) and checkpoints with DCP, also in one process (a 1-rank group of
+    its own; reference.distributed.teardown() ends it). FSDP-only options: mixed_precision
+    ("bf16" weights in forward and backward, in place of autocast) and activation_checkpointing
+    (each block's activations recomputed in backward)."""
 
     def __init__(self, model, optimizer, train_loader, val_loader=None, device="auto",
                  max_epochs=1, max_steps=None, grad_accum_steps=1, use_amp=False, amp_dtype=None,
                  max_grad_norm=1.0, scheduler=None, eval_every=None, eval_fn=None, out_dir=None,
                  checkpoint_dir=None, save_every=None, keep_last=None, resume_from=None,
-                 progress=True, stop_fn=None, step_callback=None):
+                 progress=True, stop_fn=None, step_callback=None, parallelism="ddp",
+                 mixed_precision=None, activation_checkpointing=False):
         if grad_accum_steps is None or int(grad_accum_steps) < 1:
             raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
         if max_grad_norm is not None and max_grad_norm <= 0:
@@ -48,8 +56,11 @@ class Trainer:
                              "than the batch size with drop_last=True")
         check_reliability_options(val_loader, out_dir, checkpoint_dir, save_every, keep_last,
                                   resume_from)
+        fsdp.check_options(parallelism, mixed_precision, activation_checkpointing, use_amp,
+                           amp_dtype)
+        self.fsdp = parallelism == "fsdp"
         self.device = resolve_device(device)
-        self.dist = init_distributed(self.device)
+        self.dist = (fsdp.init_process_group if self.fsdp else init_distributed)(self.device)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         self.grad_accum_steps = int(grad_accum_steps)
@@ -64,17 +75,22 @@ class Trainer:
         self.raw_model = model.to(self.device)
         self.vocab_size = vocab_size_of(self.raw_model)
         self.model = self.raw_model
-        if self.dist.enabled:
+        if self.fsdp:  # sharded in place: self.model is self.raw_model
+            fsdp.shard(self.raw_model, optimizer, self.dist.world_size, mixed_precision,
+                       activation_checkpointing)
+        elif self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DDP(self.raw_model, device_ids=ids)
+        if self.dist.enabled:
             sampler = getattr(train_loader, "sampler", None)
             if not isinstance(sampler, torch.utils.data.DistributedSampler):
-                warnings.warn("training under DDP, but train_loader has no DistributedSampler: "
-                              "every rank will see the same batches. Build the loader with "
-                              "sampler=DistributedSampler(dataset)", stacklevel=2)
+                warnings.warn(f"training under {parallelism.upper()}, but train_loader has no "
+                              "DistributedSampler: every rank will see the same batches. Build "
+                              "the loader with sampler=DistributedSampler(dataset)", stacklevel=2)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.train_loader, self.val_loader = train_loader, val_loader
-        self.amp_dtype = resolve_amp_dtype(self.device, use_amp, amp_dtype)
+        self.amp_dtype = resolve_amp_dtype(self.device, use_amp, "off"  # auto: FSDP's bf16
+                                           if mixed_precision == "bf16" else amp_dtype)
         self.scaler = make_grad_scaler(self.device, self.amp_dtype)
         self.max_grad_norm = max_grad_norm
         self.eval_every, self.eval_fn = eval_every, eval_fn
@@ -137,7 +153,10 @@ class Trainer:
         start = time.perf_counter()
         try:
             while self.step < self.max_steps and not self.stopped:
-                record = self.training_step(self.step_batches(batches))
+                # FSDP: a rollout (GRPO) may run different numbers of forwards on each rank
+                with fsdp.gathered(self.raw_model) if self.fsdp else nullcontext():
+                    micro = self.step_batches(batches)
+                record = self.training_step(micro)
                 self.record(log, record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
@@ -198,7 +217,10 @@ class Trainer:
         loss_sum, sums = torch.zeros((), device=self.device), {}
         for i, batch in enumerate(micro):
             last = i == len(micro) - 1
-            sync = nullcontext() if (last or not self.dist.enabled) else self.model.no_sync()
+            # DDP all-reduces once, on the last micro-batch; FSDP reduce-scatters every one (an
+            # unsharded gradient would otherwise be held on every rank in between)
+            sync = nullcontext() if (last or not self.dist.enabled or self.fsdp) \
+                else self.model.no_sync()
             with sync:
                 with autocast_context(self.device, self.amp_dtype):
                     part, metrics = self.compute_loss(self.model, batch)
@@ -222,7 +244,9 @@ class Trainer:
         logging = all_reduce_sum(logged, async_op=True)
         self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the loss-scaled ones
         params = [p for p in self.raw_model.parameters() if p.grad is not None]
-        if self.max_grad_norm is not None:
+        if self.fsdp:  # each rank holds a shard of every gradient: the norm is a global sum
+            grad_norm = fsdp.clip_grad_norm_(params, self.max_grad_norm)
+        elif self.max_grad_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
@@ -330,9 +354,17 @@ class Trainer:
                        "rng")
 
     def save_checkpoint(self):
-        """Rank 0 writes; every rank's RNG state goes in, so each rank resumes its own stream."""
+        """Rank 0 writes; every rank's RNG state goes in, so each rank resumes its own stream.
+        FSDP: every rank writes its shards (fsdp.save_checkpoint)."""
         self.check_state_finite()  # on every rank: the weights are the same on each
         rngs = all_gather_object(ckpt.rng_state())
+        if self.fsdp:
+            state = {k: v for k, v in self.state_dict().items() if k not in fsdp.SHARDED}
+            fsdp.save_checkpoint(self.checkpoint_dir, self.step, self.raw_model, self.optimizer,
+                                 dict(state, rng=rngs), self.keep_last,
+                                 getattr(self.train_loader, "batch_size", None),
+                                 self.grad_accum_steps)
+            return
         if self.dist.is_main:
             state = self.state_dict()
             state["rng"] = rngs
@@ -344,8 +376,8 @@ class Trainer:
         tensors = [(f"model weight {name!r}", t) for name, t in self.raw_model.state_dict().items()]
         tensors += [("the optimizer state", t) for per_param in self.optimizer.state.values()
                     for t in per_param.values() if torch.is_tensor(t)]
-        bad = sorted({what for what, t in tensors
-                      if t.is_floating_point() and not torch.isfinite(t).all()})
+        bad = fsdp.nonfinite(tensors) if self.fsdp else sorted(
+            {what for what, t in tensors if t.is_floating_point() and not torch.isfinite(t).all()})
         if bad:
             newest = (ckpt.list_checkpoints(self.checkpoint_dir) or ["none"])[-1]
             more = " and more" if len(bad) > 3 else ""
@@ -356,18 +388,25 @@ class Trainer:
                 "--max-grad-norm), and check the data")
 
     def load_state_dict(self, state, source="checkpoint"):
-        if state["world_size"] != self.dist.world_size:
-            raise ValueError(
-                f"{source} was written by {state['world_size']} process(es) but this run has "
-                f"{self.dist.world_size}. Exact resume needs the same world size, because the "
-                "DistributedSampler shards and the per-rank RNG streams depend on it. Resume with "
-                f"--nproc_per_node={state['world_size']}, or start fresh without --resume.")
-        try:
-            self.raw_model.load_state_dict(state["model"])
-        except RuntimeError as err:
-            raise ValueError(f"{source} does not fit this model (a different model size?): "
-                             f"{err}") from None
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.fsdp:  # the shards, read in place; DCP reshards, so the world size may change
+            state = fsdp.load_shards(self.raw_model, self.optimizer, state,
+                                     self.dist.world_size, self.dist.rank,
+                                     getattr(self.train_loader, "batch_size", None),
+                                     self.grad_accum_steps, source)
+        else:
+            if state["world_size"] != self.dist.world_size:
+                raise ValueError(
+                    f"{source} was written by {state['world_size']} process(es) but this run has "
+                    f"{self.dist.world_size}. Exact resume needs the same world size, because the "
+                    "DistributedSampler shards and the per-rank RNG streams depend on it. Resume "
+                    f"with --nproc_per_node={state['world_size']}, or start fresh without "
+                    "--resume.")
+            try:
+                self.raw_model.load_state_dict(state["model"])
+            except RuntimeError as err:
+                raise ValueError(f"{source} does not fit this model (a different model size?): "
+                                 f"{err}") from None
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -389,8 +428,9 @@ class Trainer:
                                  "this one's; pass resume_from='latest' to continue that run, or "
                                  "use an empty checkpoint_dir")
             return None
+        store = fsdp if self.fsdp else ckpt  # the same two functions, for DCP checkpoints
         if self.resume_from == "latest":
-            path, state = ckpt.load_latest(self.checkpoint_dir, required_keys=self.checkpoint_keys)
+            path, state = store.load_latest(self.checkpoint_dir, required_keys=self.checkpoint_keys)
             if state is None:
                 if self.dist.is_main:
                     print(f"no checkpoint in {self.checkpoint_dir}; starting fresh")
@@ -404,7 +444,7 @@ class Trainer:
                     f"resume_from={path!r} is not a checkpoint: no such file or folder.{hint} "
                     f"Pass 'latest' for the newest usable checkpoint in {self.checkpoint_dir} "
                     "(--resume), or the path of a step_XXXXXX folder or its state.pt")
-            state = ckpt.load_state(path, required_keys=self.checkpoint_keys)
+            state = store.load_state(path, required_keys=self.checkpoint_keys)
         self.load_state_dict(state, source=f"checkpoint {path}")
         rundir.fault_point("resume")  # crash tests: killed right after a resume starts
         barrier()  # every rank has read its checkpoint before rank 0 removes any

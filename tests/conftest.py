@@ -7,6 +7,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHAPTERS = {"01": "01_loop", "02": "02_amp", "03": "03_ddp", "04": "04_dpo", "05": "05_grpo"}
+# chapters that branch off the line above (06 = 03 + FSDP2): load_chapter and the flag tests
+# take them; reference.check (tests/reference/test_check.py) does not cover them yet
+BRANCHES = {"06": "06_fsdp"}
 
 # Bitwise comparisons need the same thread count in every run of a test session.
 torch.set_num_threads(2)
@@ -14,7 +17,7 @@ torch.set_num_threads(2)
 
 def load_chapter(nn):
     """Import tutorial/NN_*/train.py as a module (its folder name is not a valid package name)."""
-    path = os.path.join(ROOT, "tutorial", CHAPTERS[nn], "train.py")
+    path = os.path.join(ROOT, "tutorial", {**CHAPTERS, **BRANCHES}[nn], "train.py")
     spec = importlib.util.spec_from_file_location(f"chapter_{nn}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -8,7 +8,7 @@ from .common import get_args, run_sft
 from .dpo import run_dpo
 from .grpo import run_grpo
 
-CHAPTERS = ("01", "02", "03", "04", "05")
+CHAPTERS = ("01", "02", "03", "04", "05", "06")
 __all__ = ["CHAPTERS", "get_args", "run"]
 
 
@@ -20,7 +20,7 @@ def run(chapter, argv=None):
             summary = run_grpo(args)
         elif chapter == "04":
             summary = run_dpo(args)
-        else:
+        else:  # 01-03, and 06: chapter 03 under FSDP2
             summary = run_sft(chapter, args)
     except BaseException:
         rundir.unlock_under(args.out)  # an in-process run that failed lets go of its folders

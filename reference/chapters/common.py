@@ -23,8 +23,13 @@ from .flags import get_args  # noqa: F401 - the chapters' flags, re-exported
 
 def trainer_options(args, crash=True):
     """The Trainer arguments that a chapter's flags stand for; earlier chapters lack the flags.
-    crash=False leaves out --crash-at-step (the first phase of chapters 04 and 05)."""
-    return {"grad_accum_steps": getattr(args, "grad_accum_steps", 1),
+    crash=False leaves out --crash-at-step (the first phase of chapters 04 and 05). Chapter 06's
+    flags (--mixed-precision, --activation-checkpointing) mean FSDP2."""
+    fsdp = hasattr(args, "mixed_precision")
+    return {"parallelism": "fsdp" if fsdp else "ddp",
+            "mixed_precision": getattr(args, "mixed_precision", None),
+            "activation_checkpointing": getattr(args, "activation_checkpointing", False),
+            "grad_accum_steps": getattr(args, "grad_accum_steps", 1),
             "amp_dtype": getattr(args, "amp", "off"),
             "max_grad_norm": getattr(args, "max_grad_norm", None),
             "save_every": getattr(args, "save_every", None),
@@ -45,8 +50,9 @@ def crash_at(step):
 
 
 def sft_loaders(args, tok, train_problems, eval_problems, chapter):
-    """Chapters 01-02 shuffle with a seeded generator; from 03 on a DistributedSampler shards
-    the data (with one replica in a single process, so the order is the same either way)."""
+    """Chapters 01-02 shuffle with a seeded generator; from 03 on (06 included) a
+    DistributedSampler shards the data (with one replica in a single process, so the order is
+    the same either way)."""
     collate = SFTCollator(tok.pad_id)
     train_set = SFTDataset(train_problems, tok)
     if chapter >= "03":

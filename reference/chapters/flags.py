@@ -1,9 +1,9 @@
 """Every chapter's flags, stated once per chapter level.
 
 Chapter NN takes the flags of every level up to NN, with the defaults of the latest level that
-sets them. The chapter scripts write the same flags out by hand, for the reader;
-tests/chapters/test_flags.py checks each script's parser against this table, so the two cannot
-drift apart.
+sets them; a branch takes its parent's levels and its own (chapter 06 is 03 + FSDP: 01-03, 06).
+The chapter scripts write the same flags out by hand, for the reader; tests/chapters/
+test_flags.py checks each script's parser against this table, so the two cannot drift apart.
 """
 import argparse
 
@@ -30,7 +30,10 @@ LEVELS = {
            ("--temperature", float, 1.0, None), ("--max-completion-length", int, None, None),
            ("--grpo-lr", float, 1e-3, None), ("--grpo-warmup-steps", int, 10, None),
            ("--grpo-beta", float, 0.0, None)],
+    "06": [("--mixed-precision", str, "off", ["off", "bf16"]),
+           ("--activation-checkpointing", bool, False, None)],
 }
+PARENTS = {"06": "03"}  # a branch: chapter 06 builds on chapter 03, not on 05
 # defaults that a later level changes
 DEFAULTS = {
     "04": {"--max-steps": 150, "--batch-size": 64, "--eval-every": 20},
@@ -40,16 +43,22 @@ AT_LEAST_ONE = ("max_steps", "batch_size", "eval_every", "eval_size", "grad_accu
                 "save_every", "keep_last", "sft_steps", "num_iterations")
 
 
+def levels(chapter):
+    """The levels chapter `chapter` stands on, in order: every one up to it, or, for a branch,
+    its parent's and its own."""
+    if chapter in PARENTS:
+        return levels(PARENTS[chapter]) + [chapter]
+    return [level for level in sorted(LEVELS) if level <= chapter and level not in PARENTS]
+
+
 def flags(chapter):
     """[(flag, type, default, choices)] of chapter `chapter`, in the order the levels add them.
     --out defaults to runs/reference_NN, beside the chapter script's runs/NN_name."""
     defaults = {"--out": f"runs/reference_{chapter}"}
-    for level in sorted(DEFAULTS):
-        if level <= chapter:
-            defaults.update(DEFAULTS[level])
+    for level in levels(chapter):
+        defaults.update(DEFAULTS.get(level, {}))
     return [(flag, kind, defaults.get(flag, default), choices)
-            for level in sorted(LEVELS) if level <= chapter
-            for flag, kind, default, choices in LEVELS[level]]
+            for level in levels(chapter) for flag, kind, default, choices in LEVELS[level]]
 
 
 def parser(chapter):
@@ -67,9 +76,9 @@ def parser(chapter):
 
 def get_args(chapter, argv=None):
     """The flags of tutorial/<chapter>/train.py, with the same names, defaults and checks."""
-    p = parser(chapter)
+    p, stands_on = parser(chapter), levels(chapter)
     args = p.parse_args(argv)
-    if chapter >= "05" and args.max_steps is None:
+    if "05" in stands_on and args.max_steps is None:
         args.max_steps = 150 if args.method == "dpo" else 800
     for name in AT_LEAST_ONE:
         if getattr(args, name, 1) < 1:
@@ -78,9 +87,9 @@ def get_args(chapter, argv=None):
         p.error("need --lr > 0, --weight-decay >= 0 and --warmup-steps >= 0")
     if getattr(args, "max_grad_norm", 1.0) <= 0:
         p.error("--max-grad-norm must be > 0")
-    if chapter >= "04" and (args.beta <= 0 or args.dpo_lr <= 0 or args.rpo_alpha < 0):
+    if "04" in stands_on and (args.beta <= 0 or args.dpo_lr <= 0 or args.rpo_alpha < 0):
         p.error("need --beta > 0, --dpo-lr > 0 and --rpo-alpha >= 0")
-    if chapter >= "05" and args.method == "grpo":
+    if "05" in stands_on and args.method == "grpo":
         if args.num_samples_per_prompt < 2:
             p.error("--num-samples-per-prompt must be >= 2: a completion's advantage is its "
                     "reward relative to the others of its group")
@@ -88,4 +97,6 @@ def get_args(chapter, argv=None):
             p.error("need --grpo-beta >= 0, --grpo-lr > 0, --clip-eps >= 0 and --temperature > 0")
         if (args.max_completion_length or 1) < 1:
             p.error("--max-completion-length must be >= 1")
+    if "06" in stands_on and args.mixed_precision == "bf16" and args.amp not in ("auto", "off"):
+        p.error("--mixed-precision bf16 replaces autocast: use it with --amp off")
     return args

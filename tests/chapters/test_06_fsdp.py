@@ -1,6 +1,7 @@
 """Chapter 06 on CPU with gloo: FSDP2 trains as DDP and one process do, each rank holds half of
 the model and optimizer state, a killed run resumes bit for bit, sharded checkpoints move
-between world sizes, and checkpoints of the wrong kind or model get clear errors."""
+between world sizes, checkpoints of the wrong kind or model get clear errors, and `python -m
+reference 06` (Trainer(parallelism="fsdp")) logs the same bits in one process and in two."""
 import importlib.util
 import math
 import os
@@ -12,7 +13,8 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from conftest import ROOT, load_chapter, read_jsonl
+from conftest import ROOT, assert_identical_runs, load_chapter, read_jsonl
+from reference import chapters
 
 SCRIPT = os.path.join(ROOT, "tutorial", "06_fsdp", "train.py")
 DDP_SCRIPT = os.path.join(ROOT, "tutorial", "03_ddp", "train.py")
@@ -253,3 +255,18 @@ def test_an_fsdp_checkpoint_is_not_loaded_by_ddp(fsdp_one, tmp_path):
             pytest.raises(ValueError, match="no checkpoint in .* could be loaded"):
         load_chapter("03").main(BASE + ["--batch-size", "16", "--resume", "--out", out])
     assert sorted(os.listdir(os.path.join(out, "checkpoints", "step_000010"))) == before
+
+
+def test_chapter_06_matches_reference_bitwise_in_one_process(fsdp_one, tmp_path):
+    out = str(tmp_path / "ref")
+    chapters.run("06", BASE + ["--batch-size", "16", "--out", out])
+    assert_identical_runs(fsdp_one, out)
+    assert sorted(os.listdir(os.path.join(out, "checkpoints", "step_000020"))) == \
+        [".metadata", "__0_0.distcp", "sha256.json", "trainer.pt"]
+
+
+def test_chapter_06_matches_reference_bitwise_with_two_processes(fsdp_two, tmp_path):
+    out = str(tmp_path / "ref")
+    torchrun(2, ["06", *BASE, "--batch-size", "8", "--out", out], script="reference",
+             extra=["-m"])
+    assert_identical_runs(fsdp_two, out)

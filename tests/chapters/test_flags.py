@@ -6,8 +6,10 @@ from unittest import mock
 
 import pytest
 
-from conftest import CHAPTERS, load_chapter
+from conftest import BRANCHES, CHAPTERS, load_chapter
 from reference.chapters import flags
+
+EVERY = sorted({**CHAPTERS, **BRANCHES})
 
 
 def chapter_parser(nn):
@@ -31,12 +33,12 @@ def options(parser):
             if action.option_strings and action.dest not in ("help", "out")}
 
 
-@pytest.mark.parametrize("nn", sorted(CHAPTERS))
+@pytest.mark.parametrize("nn", EVERY)
 def test_chapter_flags_match_the_reference_table(nn):
     assert options(chapter_parser(nn)) == options(flags.parser(nn))
 
 
-@pytest.mark.parametrize("nn", sorted(CHAPTERS))
+@pytest.mark.parametrize("nn", EVERY)
 def test_parsed_defaults_match(nn):
     ch, ref = vars(load_chapter(nn).get_args([])), vars(flags.get_args(nn, []))
     ch.pop("out"), ref.pop("out")
@@ -44,6 +46,15 @@ def test_parsed_defaults_match(nn):
 
 
 def test_each_level_only_adds_flags():
-    """A flag keeps its name in every later chapter."""
-    for earlier, later in zip(sorted(CHAPTERS), sorted(CHAPTERS)[1:]):
-        assert set(options(flags.parser(earlier))) <= set(options(flags.parser(later)))
+    """A flag keeps its name in every later chapter: a chapter takes its parent's flags, the
+    chapter before it or, for a branch, the one it branches from (06 from 03)."""
+    for nn in EVERY[1:]:
+        parent = flags.PARENTS.get(nn, max(c for c in CHAPTERS if c < nn))
+        assert set(options(flags.parser(parent))) <= set(options(flags.parser(nn))), nn
+
+
+def test_a_branch_takes_none_of_the_chapters_it_skips():
+    """Chapter 06 is 03 + FSDP2: none of 04's DPO or 05's GRPO flags, and two of its own."""
+    added = set(options(flags.parser("06"))) - set(options(flags.parser("03")))
+    assert added == {"--mixed-precision", "--activation-checkpointing"}
+    assert flags.levels("06") == ["01", "02", "03", "06"]
