@@ -22,13 +22,13 @@ LEVELS = {
            ("--max-grad-norm", float, 1.0, None)],
     "03": [("--save-every", int, 200, None), ("--keep-last", int, 2, None),
            ("--resume", bool, False, None), ("--crash-at-step", int, None, None)],
-    "04": [("--sft-steps", int, 1000, None), ("--sft-target", float, 0.5, None),
+    "04": [("--sft-steps", int, 1000, None), ("--sft-target", float, 0.4, None),
            ("--beta", float, 0.1, None), ("--dpo-lr", float, 2e-3, None),
            ("--dpo-warmup-steps", int, 10, None), ("--rpo-alpha", float, 1.0, None)],
     "05": [("--method", str, "grpo", ["grpo", "dpo"]), ("--num-samples-per-prompt", int, 8, None),
            ("--clip-eps", float, 0.2, None), ("--num-iterations", int, 1, None),
            ("--temperature", float, 1.0, None), ("--max-completion-length", int, None, None),
-           ("--grpo-lr", float, 1e-3, None), ("--grpo-warmup-steps", int, 10, None),
+           ("--grpo-lr", float, 2e-3, None), ("--grpo-warmup-steps", int, 10, None),
            ("--grpo-beta", float, 0.0, None)],
     "06": [("--mixed-precision", str, "off", ["off", "bf16"]),
            ("--activation-checkpointing", bool, False, None)],
@@ -37,7 +37,7 @@ PARENTS = {"06": "03"}  # a branch: chapter 06 builds on chapter 03, not on 05
 # defaults that a later level changes
 DEFAULTS = {
     "04": {"--max-steps": 150, "--batch-size": 64, "--eval-every": 20},
-    "05": {"--max-steps": None},  # by --method: 800 of GRPO, 150 of DPO
+    "05": {"--max-steps": None},  # by --method: 400 of GRPO, 150 of DPO
 }
 AT_LEAST_ONE = ("max_steps", "batch_size", "eval_every", "eval_size", "grad_accum_steps",
                 "save_every", "keep_last", "sft_steps", "num_iterations")
@@ -79,7 +79,7 @@ def get_args(chapter, argv=None):
     p, stands_on = parser(chapter), levels(chapter)
     args = p.parse_args(argv)
     if "05" in stands_on and args.max_steps is None:
-        args.max_steps = 150 if args.method == "dpo" else 800
+        args.max_steps = 150 if args.method == "dpo" else 400
     for name in AT_LEAST_ONE:
         if getattr(args, name, 1) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")

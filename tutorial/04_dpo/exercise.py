@@ -89,7 +89,7 @@ def get_args(argv=None):
     p.add_argument("--crash-at-step", type=int, default=None,
                    help="a fault demo: the last rank SIGKILLs itself after this step, once")
     p.add_argument("--sft-steps", type=int, default=1000, help="most optimizer steps of SFT")
-    p.add_argument("--sft-target", type=float, default=0.5,
+    p.add_argument("--sft-target", type=float, default=0.4,
                    help="stop SFT at the first evaluation with this held-out exact match")
     p.add_argument("--beta", type=float, default=0.1, help="how far DPO may move from the start")
     p.add_argument("--dpo-lr", type=float, default=2e-3, help="peak learning rate of DPO")
@@ -265,7 +265,7 @@ def start_fresh(folder, args):
 
 
 def rng_state():
-    """The global RNG a step may draw from (the loader and sampler have their own generators)."""
+    """The global RNG: a step's draws (dropout) and each evaluation loader's seed come from it."""
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -504,12 +504,19 @@ def train(model, optimizer, scheduler, train_loader, evaluate_fn, args,
 
 def write_atomic(path, write):
     """Write a file under a temporary name, flush it to the disk, then rename it into place: a
-    crash leaves the old file or the new one, never half of one."""
-    with open(path + ".tmp", "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    crash leaves the old file or the new one, never half of one. The temporary name starts with
+    .tmp_, so a later run can tell a dead run's leftover; a failed write removes its own."""
+    tmp = os.path.join(os.path.dirname(path), ".tmp_" + os.path.basename(path))
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, path)
 
 
 def main(argv=None):

@@ -66,7 +66,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description="Chapter 05: + GRPO on the model's own samples.")
     p.add_argument("--out", default="runs/05_grpo", help="folder for metrics.jsonl, summary.json")
     p.add_argument("--max-steps", type=int, default=None,
-                   help="optimizer steps after SFT (default: 800 of GRPO, 150 of DPO)")
+                   help="optimizer steps after SFT (default: 400 of GRPO, 150 of DPO)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--batch-size", type=int, default=64, help="the micro-batch, per process")
@@ -90,7 +90,7 @@ def get_args(argv=None):
     p.add_argument("--crash-at-step", type=int, default=None,
                    help="a fault demo: the last rank SIGKILLs itself after this step, once")
     p.add_argument("--sft-steps", type=int, default=1000, help="most optimizer steps of SFT")
-    p.add_argument("--sft-target", type=float, default=0.5,
+    p.add_argument("--sft-target", type=float, default=0.4,
                    help="stop SFT at the first evaluation with this held-out exact match")
     p.add_argument("--beta", type=float, default=0.1, help="how far DPO may move from the start")
     p.add_argument("--dpo-lr", type=float, default=2e-3, help="peak learning rate of DPO")
@@ -106,13 +106,13 @@ def get_args(argv=None):
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--max-completion-length", type=int, default=None,
                    help="tokens sampled per completion (default: the longest sum + its end token)")
-    p.add_argument("--grpo-lr", type=float, default=1e-3, help="peak learning rate of GRPO")
+    p.add_argument("--grpo-lr", type=float, default=2e-3, help="peak learning rate of GRPO")
     p.add_argument("--grpo-warmup-steps", type=int, default=10)
     p.add_argument("--grpo-beta", type=float, default=0.0,
                    help="weight of the KL penalty towards the SFT model (0: no reference model)")
     args = p.parse_args(argv)
     if args.max_steps is None:
-        args.max_steps = 150 if args.method == "dpo" else 800
+        args.max_steps = 150 if args.method == "dpo" else 400
     for name in ("max_steps", "batch_size", "eval_every", "eval_size", "grad_accum_steps",
                  "save_every", "keep_last", "sft_steps", "num_iterations"):
         if getattr(args, name) < 1:
@@ -423,7 +423,7 @@ def start_fresh(folder, args):
 
 
 def rng_state():
-    """The global RNG a step may draw from (the loader and sampler have their own generators)."""
+    """The global RNG: a step's draws (dropout) and each evaluation loader's seed come from it."""
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -681,12 +681,19 @@ def train(model, optimizer, scheduler, train_loader, evaluate_fn, args,
 
 def write_atomic(path, write):
     """Write a file under a temporary name, flush it to the disk, then rename it into place: a
-    crash leaves the old file or the new one, never half of one."""
-    with open(path + ".tmp", "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    crash leaves the old file or the new one, never half of one. The temporary name starts with
+    .tmp_, so a later run can tell a dead run's leftover; a failed write removes its own."""
+    tmp = os.path.join(os.path.dirname(path), ".tmp_" + os.path.basename(path))
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, path)
 
 
 def main(argv=None):
