@@ -23,7 +23,6 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from reference import SFTTrainer, configure_optimizer  # noqa: E402
 from reference.chapters.common import sharded_loader  # noqa: E402

@@ -7,19 +7,14 @@ both ways must give the same tokens. `python benchmarks/hf.py` prints the figure
 """
 import json
 import os
-import statistics
-import sys
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: no downloads
 
 import torch  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
 from reference.data import CharTokenizer, left_pad  # noqa: E402
 from reference.rollout import sample  # noqa: E402
+from timing import median_time  # noqa: E402  (benchmarks/, beside this file)
 
 
 def tiny_llama(vocab_size, context, seed=0):
@@ -30,17 +25,6 @@ def tiny_llama(vocab_size, context, seed=0):
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=context)
     return LlamaForCausalLM(cfg).eval()
-
-
-def median_time(fn, repeats, warmup=1):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bench_hf_kv_cache(repeats=5, new_tokens=64, batch=64):

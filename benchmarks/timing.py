@@ -1,0 +1,15 @@
+"""The one timing helper the benchmarks share."""
+import statistics
+import time
+
+
+def median_time(fn, repeats, warmup=1):
+    """The median wall time of `repeats` calls of fn(), after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
