@@ -84,15 +84,8 @@ def weak_start(args, chapter):
     phase only loads its end). Both phases' folders start fresh first, and the random draws come
     in the chapter scripts' order. Returns what phase 2 needs, its evaluation included."""
     start_fresh(args, os.path.join(args.out, "sft"), args.out)
-    device = resolve_device(args.device)
-    torch.manual_seed(args.seed)
-    tok = CharTokenizer()
-    train_problems, eval_problems = make_addition_splits(args.digits, args.eval_size,
-                                                         seed=args.seed)
-    train_loader, val_loader = sft_loaders(args, tok, train_problems, eval_problems, chapter)
-    model = build_model(args, tok, device)
-    optimizer = configure_optimizer(model=model, optimizer_type="adamw", lr=args.lr,
-                                    weight_decay=args.weight_decay)
+    (device, tok, train_problems, eval_problems, train_loader, val_loader, model,
+     optimizer) = sft_setup(chapter, args)
     options = trainer_options(args, crash=False)  # --crash-at-step counts phase 2's steps
 
     def evaluate(m):  # held-out SFT loss and exact match: how phase 2 is judged too
@@ -110,6 +103,22 @@ def weak_start(args, chapter):
     return SimpleNamespace(sft=sft, model=model, tok=tok, device=device, evaluate=evaluate,
                            train_problems=train_problems, eval_problems=eval_problems,
                            seconds=time.perf_counter() - start)
+
+
+def sft_setup(chapter, args):
+    """What every SFT run builds, with its random draws in the chapter scripts' order: the seed,
+    the data and its loaders, then the model and its optimizer."""
+    device = resolve_device(args.device)
+    torch.manual_seed(args.seed)
+    tok = CharTokenizer()
+    train_problems, eval_problems = make_addition_splits(args.digits, args.eval_size,
+                                                         seed=args.seed)
+    train_loader, val_loader = sft_loaders(args, tok, train_problems, eval_problems, chapter)
+    model = build_model(args, tok, device)
+    optimizer = configure_optimizer(model=model, optimizer_type="adamw", lr=args.lr,
+                                    weight_decay=args.weight_decay)
+    return (device, tok, train_problems, eval_problems, train_loader, val_loader, model,
+            optimizer)
 
 
 def build_model(args, tok, device):
@@ -145,15 +154,8 @@ def start_fresh(args, *outs):
 
 def run_sft(chapter, args):
     start_fresh(args)
-    device = resolve_device(args.device)
-    torch.manual_seed(args.seed)  # the same order of random draws as the chapter scripts
-    tok = CharTokenizer()
-    train_problems, eval_problems = make_addition_splits(args.digits, args.eval_size,
-                                                         seed=args.seed)
-    train_loader, val_loader = sft_loaders(args, tok, train_problems, eval_problems, chapter)
-    model = build_model(args, tok, device)
-    optimizer = configure_optimizer(model=model, optimizer_type="adamw", lr=args.lr,
-                                    weight_decay=args.weight_decay)
+    (device, tok, train_problems, eval_problems, train_loader, val_loader, model,
+     optimizer) = sft_setup(chapter, args)
     scheduler = warmup_cosine_scheduler(optimizer, args.warmup_steps, args.max_steps)
     trainer = SFTTrainer(
         model=model, optimizer=optimizer, train_loader=train_loader, val_loader=val_loader,
