@@ -7,8 +7,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHAPTERS = {"01": "01_loop", "02": "02_amp", "03": "03_ddp", "04": "04_dpo", "05": "05_grpo"}
-# chapters that branch off the line above (06 = 03 + FSDP2): load_chapter and the flag tests
-# take them; reference.check (tests/reference/test_check.py) does not cover them yet
+# chapters that branch off the line above (06 = 03 + FSDP2): load_chapter, the flag tests and
+# reference.check (tests/reference/test_check.py) take them
 BRANCHES = {"06": "06_fsdp"}
 
 # Bitwise comparisons need the same thread count in every run of a test session.

@@ -6,13 +6,16 @@ PATH is a script that takes chapter NN's flags (tutorial/NN_*/train.py, an exerc
 own). check runs it for a few short, fixed runs ("stages") that exercise every capability the
 chapter adds, runs `python -m reference NN` with the same flags, and compares each pair of
 metrics logs strictly (`reference.compare`, tolerance 0). Every run is fp32 on the CPU with one
-thread (but for chapter 02's short fp16 stage: loss scaling is that chapter's lesson).
+thread (but for chapter 02's short fp16 stage: loss scaling is that chapter's lesson). Chapter
+06, a branch off 03 (FSDP2), adds a run killed on two processes and resumed on one, compared
+with the reference killed and resumed alike; its table names 01-03's lessons and its own.
 
 It prints "matches the reference bit for bit" and exits 0, or the first difference with a
 diagnosis and exits 1: the diagnosis is the entry of the chapter's table (`--table`) that the
 difference fits (which key differs first, at which step, in which stage, and how), and it names
 the lesson that is probably wrong and the function of the chapter's file to look at. A crash, a
-missing output file or a wrong schema exits 2 and says what is missing.
+missing output file or a wrong schema exits 2 and says what is missing (a crash whose stderr
+fits an entry of the table's end names that lesson too).
 
 The runs are kept in --work (default runs/check_NN): DIR/yours/<stage>/ and
 DIR/reference/<stage>/, so the comparison can be rerun by hand with the command it prints.
@@ -41,10 +44,10 @@ from .diagnose import (SUMMARY_KEYS, TABLES, Diagnosis, by_step, check_outputs, 
                        diagnose, format_table, scopes, table)
 from .launch import (ROOT, ForkServer, Launch, Problem, can_fork, close, crash_message,
                      free_port, launch, quote, run_env, serve, tail)
-from .lessons import CHAPTERS, LESSONS, TITLES, Lesson
-from .rules import (DPO_REWARDS, GROUP_KEYS, REWARD_KEYS, RULES, SAMPLING_KEYS, Facts, Rule,
-                    count_only, dpo_term, near)
-from .stages import DEFAULT_STEPS, Stage, stages, train_size
+from .lessons import CHAPTERS, LESSONS, PARENTS, RETAUGHT, TITLES, Lesson, lineage
+from .rules import (CRASHES, DPO_REWARDS, GROUP_KEYS, REWARD_KEYS, RULES, SAMPLING_KEYS, Crash,
+                    Facts, Rule, count_only, crash_entry, dpo_term, near)
+from .stages import DEFAULT_STEPS, Stage, fsdp_stages, stages, train_size
 
 __all__ = [  # what `from reference.check import ...` gave before it was split into modules
     "CHAPTERS", "DEFAULT_STEPS", "DPO_REWARDS", "Diagnosis", "Facts", "ForkServer", "GROUP_KEYS",
@@ -52,7 +55,9 @@ __all__ = [  # what `from reference.check import ...` gave before it was split i
     "SAMPLING_KEYS", "SUMMARY_KEYS", "Stage", "TABLES", "TITLES", "by_step", "can_fork", "check",
     "check_outputs", "close", "compared", "count_only", "crash_message", "diagnose", "dpo_term",
     "format_table", "free_port", "launch", "main", "near", "quote", "reference_run", "remove",
-    "run_env", "scopes", "serve", "stages", "table", "tail", "train_size", "your_run"]
+    "run_env", "scopes", "serve", "stages", "table", "tail", "train_size", "your_run",
+    # and since chapter 06, a branch: its lineage, its own resume lessons, crashes by stderr
+    "CRASHES", "Crash", "PARENTS", "RETAUGHT", "crash_entry", "fsdp_stages", "lineage"]
 
 
 # --- check -----------------------------------------------------------------------------------
@@ -78,18 +83,31 @@ _REFERENCE_RUNS = {}  # (chapter, nproc, flags, spawn) -> the folder of a finish
 
 
 def reference_run(chapter, stage, work, timeout, spawn, say):
-    """The reference's uninterrupted run of `stage`'s flags, run once per process."""
-    key = (chapter, stage.nproc, tuple(stage.flags), spawn)
+    """The reference's uninterrupted run of `stage`'s flags, run once per process (for kind
+    "reshard", its run killed and resumed as yours is)."""
+    reshard = stage.kind == "reshard"
+    key = (chapter, stage.nproc, tuple(stage.flags), spawn) + (
+        (stage.crash_at, stage.resume_nproc, tuple(stage.resume_flags)) if reshard else ())
     done = _REFERENCE_RUNS.get(key)
     if done and all(os.path.exists(os.path.join(done, p, "metrics.jsonl")) for p in stage.phases):
         return done
-    out = os.path.join(work, "reference", "two_processes" if stage.nproc > 1 else stage.slug)
+    out = os.path.join(work, "reference", "two_processes" if stage.nproc > 1 and not reshard
+                       else stage.slug)
     remove(out)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     say(f"  the reference: python -m reference {chapter} ... ({stage.nproc} process"
-        f"{'es' if stage.nproc > 1 else ''})")
-    run = launch(f"reference {chapter}", stage.flags + ["--out", out], out, stage.nproc, timeout,
-                 spawn, "run")
+        f"{'es' if stage.nproc > 1 else ''}" + (", killed, then resumed on "
+                                                 f"{stage.resumed()[0]})" if reshard else ")"))
+    nproc, argv = stage.nproc, stage.flags + ["--out", out]
+    if reshard:
+        first = launch(f"reference {chapter}", argv + ["--crash-at-step", str(stage.crash_at)],
+                       out, nproc, timeout, spawn, "crash")
+        if first.codes[-1] != -signal.SIGKILL or first.timed_out:
+            p = crash_message(first, f"the reference's killed run ({first.command})", chapter)
+            raise RuntimeError(f"{p} - a bug in `reference`, not in your script\n{p.stderr}")
+        nproc, argv = stage.resumed()
+        argv = argv + ["--out", out]
+    run = launch(f"reference {chapter}", argv, out, nproc, timeout, spawn, "run")
     if any(run.codes) or run.timed_out:
         p = crash_message(run, f"the reference run ({run.command})", chapter)
         raise RuntimeError(f"{p} - a bug in `reference`, not in your script\n{p.stderr}")
@@ -109,8 +127,7 @@ def your_run(path, chapter, stage, work, timeout, spawn, say):
     out = os.path.join(work, "yours", stage.slug)
     remove(out)
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    argv = stage.flags + ["--out", out]
-    commands = []
+    nproc, argv, commands = stage.nproc, stage.flags + ["--out", out], []
     if stage.crash_at is not None:
         first = launch(path, argv + ["--crash-at-step", str(stage.crash_at)], out, stage.nproc,
                        timeout, spawn, "crash")
@@ -126,8 +143,9 @@ def your_run(path, chapter, stage, work, timeout, spawn, say):
             raise Problem(f"your killed run left no {out}/checkpoints/ to resume from (with "
                           f"--save-every {stage.options['save_every']} it saves at step "
                           f"{stage.checkpoint})", "crash")
-        argv = argv + ["--resume"]
-    run = launch(path, argv, out, stage.nproc, timeout, spawn, "run")
+        nproc, argv = stage.resumed()
+        argv = argv + ["--out", out]
+    run = launch(path, argv, out, nproc, timeout, spawn, "run")
     commands.append(run.command)
     if any(run.codes) or run.timed_out:
         raise crash_message(run, f"your script ({run.command})", chapter)

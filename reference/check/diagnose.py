@@ -9,8 +9,8 @@ from typing import NamedTuple
 
 from ..compare import REQUIRED, LogError, load
 from .launch import Problem
-from .lessons import CHAPTERS, LESSONS, TITLES
-from .rules import RULES, Facts
+from .lessons import CHAPTERS, LESSONS, RETAUGHT, TITLES, lineage
+from .rules import CRASHES, RULES, Facts
 from .stages import stages
 
 SUMMARY_KEYS = ("eval_accuracy", "final_loss", "steps", "train_seconds")
@@ -77,12 +77,13 @@ def scopes(chapter):
 
 
 def table(chapter):
-    """Chapter `chapter`'s diagnosis table: the rules that can name one of its lessons in one
-    of its stages, in the order they are tried."""
-    kinds = {s.kind for s in stages(chapter)}
-    return [r for r in RULES if r.scope in scopes(chapter)
-            and LESSONS[r.lesson].chapter <= chapter
-            and all(LESSONS[x].chapter <= chapter for x in r.also)
+    """Chapter `chapter`'s diagnosis table: the rules that can name one of its lessons (of its
+    lineage, less those it teaches anew) in one of its stages, in the order they are tried."""
+    kinds, taught, anew = {s.kind for s in stages(chapter)}, lineage(chapter), \
+        RETAUGHT.get(chapter, ())
+    return [r._replace(also=tuple(x for x in r.also if x not in anew)) for r in RULES
+            if r.scope in scopes(chapter) and r.lesson not in anew
+            and all(LESSONS[x].chapter in taught for x in (r.lesson, *r.also))
             and (not r.kinds or kinds & set(r.kinds))]
 
 
@@ -131,4 +132,9 @@ def format_table(chapter):
         scope = {"any": "", "sft": "[SFT] ", "dpo": "[DPO] ", "grpo": "[GRPO] "}[rule.scope]
         also = f" (or: {'; '.join(LESSONS[x].title for x in rule.also)})" if rule.also else ""
         out.append(f"- {scope}{rule.when} -> {lesson.title} ({lesson.chapter}){also}")
+    for crash in CRASHES:
+        lesson = LESSONS[crash.lesson]
+        if lesson.chapter in lineage(chapter):
+            out.append(f"- a run that crashed with {crash.text!r} in its stderr ({crash.when}) "
+                       f"-> {lesson.title} ({lesson.chapter})")
     return "\n".join(out)

@@ -2,10 +2,12 @@
 NN` on one or two processes, forked from one warm process that imported torch once (`serve`,
 started on first use, stopped by `close`) or spawned as `python PATH` / `torchrun`, in the
 environment of every check run (`run_env`: one thread, the CPU); `crash_message` turns a run
-that crashed, hung or rejected the chapter's flags into a `Problem` with the end of its stderr."""
+that crashed, hung or rejected the chapter's flags into a `Problem` with the end of its stderr
+(and the lesson of the `rules.CRASHES` entry that its stderr fits)."""
 import atexit
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -14,6 +16,8 @@ import tempfile
 import time
 import traceback
 from typing import NamedTuple
+
+from .rules import crash_entry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -86,6 +90,7 @@ def serve():
     import torch
     import torch._dynamo  # noqa: F401 - torch.optim imports it on first use: seconds, per run
     import torch.distributed  # noqa: F401
+    import torch.distributed.checkpoint  # noqa: F401 - chapter 06's DCP: 0.2 s a run otherwise
     import torch.nn.parallel  # noqa: F401
     import tqdm  # noqa: F401
     import reference.chapters  # noqa: F401
@@ -210,7 +215,7 @@ def launch(target, argv, out_dir, nproc, timeout, spawn, tag):
         for out, err in logs[1:]:
             open(out, "w").close()
             open(err, "w").close()
-        return Launch(shown, [code], timed_out, logs[:1])
+        return Launch(shown, torchrun_codes(code, nproc, logs[0][1]), timed_out, logs[:1])
     jobs = []
     for rank in range(nproc):
         job = {"argv": (["-m reference"] + head[2:] if is_ref else [target]) + argv,
@@ -225,9 +230,20 @@ def launch(target, argv, out_dir, nproc, timeout, spawn, tag):
     return Launch(shown, codes, timed_out, logs)
 
 
+def torchrun_codes(code, nproc, stderr):
+    """Per-rank exit codes of a spawned run: torchrun exits 1 when a worker fails, and says in
+    its stderr which rank failed first and how (e.g. SIGKILLed by --crash-at-step)."""
+    if nproc == 1 or code == 0:
+        return [code] * nproc
+    first = re.search(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+)", tail(stderr, None))
+    codes = [code] * nproc
+    if first and int(first.group(2)) < nproc:
+        codes[int(first.group(2))] = int(first.group(1))
+    return codes
+
+
 def quote(arg):
     return arg if arg and all(c.isalnum() or c in "-_./=+:," for c in arg) else repr(arg)
-
 
 
 # --- A run that failed ---------------------------------------------------------------------
@@ -247,7 +263,7 @@ def tail(path, lines=25):
             text = f.read()
     except OSError:
         return ""
-    return "\n".join(text.rstrip().splitlines()[-lines:])
+    return text if lines is None else "\n".join(text.rstrip().splitlines()[-lines:])
 
 
 def crash_message(launch, what, chapter):
@@ -265,4 +281,7 @@ def crash_message(launch, what, chapter):
             "expected one argument" in stderr:
         return Problem(f"{what} {how}: it does not take chapter {chapter}'s flags (see "
                        f"`python -m reference {chapter} --help` for the list)", "flags", stderr)
+    crash = crash_entry(chapter, [tail(err, None) for _, err in launch.logs])
+    if crash:
+        return Problem(f"{what} {how}: {crash.when}", crash.lesson, stderr)
     return Problem(f"{what} {how}", None, stderr)

@@ -3,10 +3,23 @@ its chapter, its title and the functions of tutorial/NN_*/train.py to look at an
 do. Purely descriptive: nothing here runs or compares anything."""
 from typing import NamedTuple
 
-CHAPTERS = {"01": "01_loop", "02": "02_amp", "03": "03_ddp", "04": "04_dpo", "05": "05_grpo"}
+CHAPTERS = {"01": "01_loop", "02": "02_amp", "03": "03_ddp", "04": "04_dpo", "05": "05_grpo",
+            "06": "06_fsdp"}
 TITLES = {"01": "the plain training loop", "02": "mixed precision, accumulation and clipping",
           "03": "DDP, checkpoints and exact resume", "04": "DPO against a frozen reference",
-          "05": "GRPO: sampling, group advantages, clip and KL"}
+          "05": "GRPO: sampling, group advantages, clip and KL",
+          "06": "FSDP2, sharded checkpoints and resuming on another world size"}
+PARENTS = {"06": "03"}  # a branch (as in reference/chapters/flags.py): 06 is 03 + FSDP2
+# lessons of a parent that a branch teaches anew under its own names: its table names those
+RETAUGHT = {"06": ("resume_data", "resume_state")}  # -> fsdp_position, fsdp_checkpoint
+
+
+def lineage(chapter):
+    """The chapters whose lessons chapter `chapter` teaches too: every one up to it, or, for a
+    branch, its parent's and its own (06: 01, 02, 03 and 06, not the DPO and GRPO of 04-05)."""
+    if chapter in PARENTS:
+        return lineage(PARENTS[chapter]) + (chapter,)
+    return tuple(c for c in sorted(CHAPTERS) if c <= chapter and c not in PARENTS)
 
 
 # --- The lessons: what a diagnosis names ----------------------------------------------------
@@ -128,4 +141,26 @@ LESSONS = {
     "grpo_count": Lesson("05", "what GRPO counts", "count_completions(): the loss is averaged "
                          "over completions (loss_count); tokens are the completions' trained "
                          "tokens"),
+    "fsdp_shard": Lesson("06", "the FSDP2 sharding", "run(): init_device_mesh over "
+                         "args.world_size; fully_shard(block) for every block, in order, then "
+                         "fully_shard(model) (the root: embeddings, final norm, head); "
+                         "register_fsdp_forward_method(model, \"generate\"); the optimizer made "
+                         "after, on the sharded (DTensor) parameters; no DDP"),
+    "fsdp_clip": Lesson("06", "the sharded clip's global norm", "clip_grad_norm_(): every rank "
+                        "sums the squares of its own gradient shards (p.grad.to_local()), one "
+                        "all_reduce adds up the ranks' sums, the norm is its square root (the "
+                        "logged grad_norm), and every shard is scaled by clamp(max_norm / (norm + "
+                        "1e-6), max=1), the same factor on every rank"),
+    "fsdp_checkpoint": Lesson("06", "the sharded (DCP) checkpoint", "checkpoint_state(): "
+                              "get_state_dict(model, optimizer), this rank's shards by name, and "
+                              "every rank's RNG state; save_checkpoint(): dcp.save by every rank, "
+                              "trainer.pt by rank 0; resume(): dcp.load into get_state_dict's "
+                              "dicts, then set_state_dict(model, optimizer, ...), the scheduler, "
+                              "the scaler, the progress and this rank's RNG"),
+    "fsdp_position": Lesson("06", "the global sample position", "forever(): the position is "
+                            "sample_in_epoch, the samples that all ranks together took (a batch "
+                            "on every rank is world_size x batch_size of them), so a resume "
+                            "with another world size or --batch-size skips exactly those; "
+                            "resume(): the same global batch, new RNG streams (seed + 1000 x "
+                            "step + rank) when the world size changed"),
 }

@@ -2,9 +2,12 @@
 first difference; `Rule`, one entry (when, in words and as a test, -> the lesson); and `RULES`,
 the entries of every chapter in the order they are tried: the records' shape, then the stages
 that add a capability (resume, two processes, fp16), the methods' phases (DPO, GRPO), and last
-the loop of chapter 01, by key and step."""
+the loop of chapter 01, by key and step; and `CRASHES`, the entries for a run that crashed, by
+what its stderr shows."""
 import math
 from typing import NamedTuple
+
+from .lessons import LESSONS, lineage
 
 SAMPLING_KEYS = ("tokens", "num_tokens", "completions/mean_length", "completions/clipped_ratio")
 REWARD_KEYS = ("reward", "rewards/correctness_reward/mean", "rewards/correctness_reward/std")
@@ -20,8 +23,7 @@ class Facts:
     def __init__(self, chapter, stage, phase, report, mine, ref):
         d = report.first
         self.chapter, self.stage, self.phase, self.d = chapter, stage, phase, d
-        self.method = "sft" if phase == "sft" or chapter < "04" else (
-            "dpo" if chapter == "04" else "grpo")
+        self.method = "sft" if phase == "sft" else {"04": "dpo", "05": "grpo"}.get(chapter, "sft")
         self.split, self.step, self.key, self.kind = d.split, d.step, d.key, d.kind
         self.keys = {x.key for x in report.differences
                      if (x.split, x.step) == (d.split, d.step) and x.key is not None}
@@ -34,7 +36,7 @@ class Facts:
         self.max_grad_norm = float(o.get("max_grad_norm", math.inf))
         self.mu = int(o.get("num_iterations", 1)) if self.method == "grpo" else 1
         self.epoch_starts = stage.epoch_starts(phase, self.method)
-        resumed = stage.kind == "resume" and phase == ""
+        resumed = stage.crash_at is not None and phase == ""
         self.checkpoint = stage.checkpoint if resumed else None
 
     def differ(self, *keys):
@@ -90,14 +92,29 @@ RULES = [
     # the record itself
     Rule("any", "a key is missing from a record", "schema", lambda f: f.kind == "missing_key"),
     Rule("any", "steps missing or extra after a resume", "resume_log",
-         lambda f: f.kind != "value" and f.checkpoint is not None, kinds=("resume",)),
+         lambda f: f.kind != "value" and f.checkpoint is not None, kinds=("resume", "reshard")),
     Rule("any", "the SFT phase of a two-phase chapter has other steps", "two_phase",
          lambda f: f.kind != "value" and f.phase == "sft"),
     Rule("any", "train steps or eval records missing or extra", "loop",
          lambda f: f.kind != "value"),
     # a resumed run (the uninterrupted one matched)
     Rule("any", "resume: a step before the checkpoint differs", "resume_log",
-         lambda f: f.checkpoint is not None and f.step <= f.checkpoint, kinds=("resume",)),
+         lambda f: f.checkpoint is not None and f.step <= f.checkpoint,
+         kinds=("resume", "reshard")),
+    # chapter 06's resumes (two processes; then one): the DCP shards and the global position
+    Rule("any", "resume: tokens of the first resumed step (or of a later epoch start)",
+         "fsdp_position", lambda f: f.checkpoint is not None and f.differ("tokens", "loss_count")
+         and (f.step == f.first_resumed or f.step in f.epoch_starts), ("fsdp_checkpoint",),
+         kinds=("resume", "reshard")),
+    Rule("any", "resume on one process (the two-process resume matched): tokens of a later "
+         "step", "fsdp_position", lambda f: f.checkpoint is not None
+         and f.differ("tokens", "loss_count"), kinds=("reshard",)),
+    Rule("any", "resume: the loss of the first resumed step, tokens equal (the weights read "
+         "back)", "fsdp_checkpoint", lambda f: f.step == f.first_resumed and f.split == "train"
+         and f.key == "loss", ("fsdp_position",), kinds=("resume", "reshard")),
+    Rule("any", "resume: lr, an eval record or a later step (the first resumed one matched)",
+         "fsdp_checkpoint", lambda f: f.checkpoint is not None, ("fsdp_position",),
+         kinds=("resume", "reshard")),
     Rule("grpo", "resume: the samples of the first resumed step differ", "grpo_rng",
          lambda f: f.step == f.first_resumed and f.differ(*SAMPLING_KEYS, *REWARD_KEYS),
          kinds=("resume",)),
@@ -115,6 +132,15 @@ RULES = [
     Rule("grpo", "two processes: the samples differ", "grpo_rng",
          lambda f: f.step == 1 and f.differ(*SAMPLING_KEYS, *REWARD_KEYS), ("ddp_sampler",),
          kinds=("ddp",)),
+    Rule("any", "two processes, FSDP: grad_norm at step 1, the loss equal and the ratio not "
+         "world_size or 1/world_size (a rank's own norm, not the global one)", "fsdp_clip",
+         lambda f: f.step == 1 and f.key == "grad_norm" and f.same("loss") and not any(
+             near(f.ratio("grad_norm"), r, 1e-3) for r in (f.world, 1 / f.world)), ("ddp_sum",),
+         kinds=("ddp",)),
+    Rule("any", "two processes, FSDP: a later train step, not an epoch's first, step 1 equal "
+         "(the ranks scaled or updated their shards apart)", "fsdp_clip",
+         lambda f: f.step > 1 and f.split == "train" and f.step not in f.epoch_starts,
+         ("fsdp_shard", "ddp_sum"), kinds=("ddp",)),
     Rule("any", "two processes: the first step of a later epoch", "ddp_sampler",
          lambda f: f.step in f.epoch_starts, kinds=("ddp",)),
     Rule("any", "two processes: tokens about 1/world_size or world_size times the reference's",
@@ -227,8 +253,43 @@ RULES = [
          and f.differ("tokens", "loss_count"), ("data",)),
     Rule("any", "tokens at a later step", "data", lambda f: f.differ("tokens", "loss_count")),
     Rule("any", "lr at a later step", "schedule", lambda f: f.key == "lr"),
+    Rule("sft", "one FSDP process: loss or grad_norm at a later step, step 1 and tokens equal "
+         "(the clip's scale)", "fsdp_clip", lambda f: f.step > 1 and f.split == "train"
+         and f.key in ("loss", "grad_norm"), ("optimizer", "fsdp_shard"), kinds=("one",)),
     Rule("any", "loss equal at step 1 but not at a later step", "optimizer",
          lambda f: f.split == "train"),
     Rule("any", "an eval record (the train records up to it matched)", "eval",
          lambda f: f.split == "eval"),
 ]
+
+
+class Crash(NamedTuple):
+    """An entry for a crashed run: `text` in a rank's stderr -> `lesson`."""
+    text: str
+    when: str
+    lesson: str
+
+
+CRASHES = [
+    Crash("has no attribute 'to_local'", "a gradient that is no DTensor shard: a module left "
+          "out of fully_shard, the root maybe", "fsdp_shard"),
+    Crash("torch/distributed/checkpoint/", "a crash inside DCP: dcp.save, dcp.load, "
+          "get_state_dict or set_state_dict", "fsdp_checkpoint"),
+    Crash("torch/distributed/fsdp/", "a crash inside FSDP: fully_shard, or a sharded module's "
+          "forward or backward", "fsdp_shard"),
+]
+PEER_GONE = ("Connection reset by peer", "Connection closed by peer")  # another rank crashed
+
+
+def crash_entry(chapter, stderrs):
+    """The first entry of CRASHES, of a lesson that chapter `chapter` teaches, that a rank's
+    stderr shows; a rank that only saw another one go is not read, unless all did. None when
+    none fits."""
+    texts = [t.replace("\\", "/") for t in stderrs if t]
+    texts = [t for t in texts if not any(p in t for p in PEER_GONE)] or texts
+    for crash in CRASHES:
+        if LESSONS[crash.lesson].chapter in lineage(chapter) and any(crash.text in t
+                                                                     for t in texts):
+            return crash
+    return None
+

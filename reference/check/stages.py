@@ -17,7 +17,9 @@ class Stage:
 
     kind: "one" (one process), "accum" (accumulation and clipping on top of a matching "one"),
     "fp16" (loss scaling), "ddp" (two processes), "resume" (your run killed by --crash-at-step
-    and resumed with --resume, compared with the reference's uninterrupted run)."""
+    and resumed with --resume, compared with the reference's uninterrupted run), "reshard" (06:
+    killed on nproc processes, resumed on resume_nproc with resume_flags, compared with the
+    reference killed and resumed alike)."""
     name: str
     kind: str
     flags: list
@@ -25,6 +27,8 @@ class Stage:
     nproc: int = 1
     crash_at: int = None
     phases: tuple = ("",)  # "" is DIR/metrics.jsonl, "sft" DIR/sft/metrics.jsonl (04, 05)
+    resume_nproc: int = None  # kind "reshard": the resumed run's processes (default nproc)
+    resume_flags: tuple = ()  # kind "reshard": flags that replace their values on the resume
 
     @property
     def slug(self):
@@ -48,6 +52,17 @@ class Stage:
             return None
         every = int(self.options.get("save_every", 1))
         return self.crash_at // every * every
+
+    def resumed(self):
+        """(processes, flags) of the run that resumes the killed one: the same, or for kind
+        "reshard" another world size and the flags of resume_flags (the same global batch)."""
+        flags, changes = list(self.flags), list(self.resume_flags)
+        for flag, value in zip(changes[::2], changes[1::2]):
+            if flag in flags:
+                flags[flags.index(flag) + 1] = value
+            else:
+                flags += [flag, value]
+        return self.resume_nproc or self.nproc, flags + ["--resume"]
 
     def epoch_starts(self, phase, method):
         """The steps (after step 1) at which a new pass over the training data begins."""
@@ -106,10 +121,12 @@ def stages(chapter, steps=DEFAULT_STEPS):
                   "4 steps under fp16 autocast with a GradScaler, clipped to norm 1")]
     loop = common + ["--batch-size", "8", "--grad-accum-steps", "2", "--amp", "off",
                      "--max-grad-norm", "1.0", "--keep-last", "2"]
-    if chapter == "03":
+    if chapter in ("03", "06"):
         save = max(1, steps // 2 - 1)
         flags = loop + ["--lr", "5e-3", "--max-steps", k, "--eval-every", half,
                         "--save-every", str(save)]
+        if chapter == "06":
+            return fsdp_stages(flags + ["--mixed-precision", "off"], k, save)
         return [
             Stage("one process", "one", flags, f"{k} steps of 2 micro-batches of 8, a new epoch "
                   f"every 4 steps, a checkpoint every {save}"),
@@ -142,3 +159,23 @@ def stages(chapter, steps=DEFAULT_STEPS):
               phases=("sft", "")),
         Stage("two processes", "ddp", flags, "both phases on two processes (torchrun)", nproc=2,
               phases=("sft", ""))]
+
+
+def fsdp_stages(flags, k, save):
+    """Chapter 06: chapter 03's runs under FSDP2 (one process is a 1-rank FSDP run), the kill
+    and resume on two processes (DCP shards, every rank's RNG), and a resume of the two-process
+    run on one process with 4 micro-batches of 8 instead of 2: the same global batch, a
+    position that only a global sample count gets right (a batch is 8 samples there, 16 here)."""
+    return [
+        Stage("one process", "one", flags, f"{k} steps of 2 micro-batches of 8 on one FSDP "
+              f"rank, a new epoch every 4 steps, a sharded checkpoint every {save}"),
+        Stage("two processes", "ddp", flags, "the same on two processes (torchrun): each rank "
+              "holds half of every parameter, an epoch every 2 steps", nproc=2),
+        Stage("kill and resume", "resume", flags, f"two processes, killed after step {save + 2} "
+              f"by --crash-at-step, resumed on two from the step-{save} DCP checkpoint",
+              nproc=2, crash_at=save + 2),
+        Stage("two to one", "reshard", flags, f"two processes killed after step {save + 2}, "
+              f"resumed on one with 4 micro-batches of 8 (the same global batch of 32) from the "
+              f"step-{save} checkpoint; the reference killed and resumed alike", nproc=2,
+              crash_at=save + 2, resume_nproc=1, resume_flags=("--grad-accum-steps", "4"))]
+

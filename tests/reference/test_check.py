@@ -12,8 +12,10 @@ import sys
 
 import pytest
 
-from conftest import CHAPTERS, ROOT
+from conftest import BRANCHES, CHAPTERS, ROOT
 from reference import check as checker
+
+CHECKED = {**CHAPTERS, **BRANCHES}  # every chapter that check takes, 06 (03 + FSDP2) too
 
 spec = importlib.util.spec_from_file_location(
     "check_mutants", os.path.join(ROOT, "tests", "scripts", "check_mutants.py"))
@@ -24,7 +26,7 @@ TIMEOUT = 180  # seconds per run: a tiny run takes one, a hang must not take the
 
 
 def train_py(nn):
-    return os.path.join(ROOT, "tutorial", CHAPTERS[nn], "train.py")
+    return os.path.join(ROOT, "tutorial", CHECKED[nn], "train.py")
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +46,7 @@ def patched(nn, old, new, folder, name):
     return path
 
 
-@pytest.mark.parametrize("nn", sorted(CHAPTERS))
+@pytest.mark.parametrize("nn", sorted(CHECKED))
 def test_check_passes_the_chapters_own_train_py(nn, work):
     result = checker.check(nn, train_py(nn), work=os.path.join(work, nn), timeout=TIMEOUT)
     assert result.status == 0, result.text
@@ -66,7 +68,7 @@ def run_mutant(i, folder):
 
 
 def test_the_mutation_suite_has_three_bugs_per_chapter_and_15_in_all():
-    per_chapter = {nn: sum(m.chapter == nn for m in mutants.MUTANTS) for nn in CHAPTERS}
+    per_chapter = {nn: sum(m.chapter == nn for m in mutants.MUTANTS) for nn in CHECKED}
     assert all(n >= 3 for n in per_chapter.values()), per_chapter
     assert len(mutants.MUTANTS) >= 15
     assert {m.lesson for m in mutants.MUTANTS} <= set(checker.LESSONS)
@@ -88,6 +90,14 @@ def test_check_names_the_intended_lesson_for_80_percent_of_the_bugs(work):
     table = "\n".join(f"{m.chapter} {m.name}: expected {m.lesson}, got "
                       f"{results[i].diagnosis.lesson}" for i, m in enumerate(mutants.MUTANTS))
     assert len(named) >= 0.8 * len(results), table
+
+
+def test_chapter_06s_exercise_stops_at_a_todo_and_is_status_2(work):
+    exercise = os.path.join(ROOT, "tutorial", CHECKED["06"], "exercise.py")
+    result = checker.check("06", exercise, work=os.path.join(work, "exercise_06"),
+                           timeout=TIMEOUT)
+    assert result.status == 2, result.text
+    assert "NotImplementedError: TODO 06." in result.text
 
 
 def test_a_crash_is_status_2_with_the_scripts_stderr(work):
@@ -156,10 +166,16 @@ def test_torchrun_two_processes_match_like_the_forked_ones(work):
 def test_every_lesson_can_be_named_and_the_tables_print():
     from_rules = {r.lesson for r in checker.RULES} | {x for r in checker.RULES for x in r.also}
     from_problems = {"flags", "schema", "crash"}  # named by a run's missing output instead
-    assert set(checker.LESSONS) == from_rules | from_problems
-    for nn in CHAPTERS:
+    from_crashes = {c.lesson for c in checker.CRASHES}  # named by a crashed run's stderr
+    assert set(checker.LESSONS) == from_rules | from_problems | from_crashes
+    assert checker.lineage("06") == ("01", "02", "03", "06")
+    for nn in CHECKED:
         text = checker.format_table(nn)
-        assert all(f"({c})" not in text for c in CHAPTERS if c > nn)  # only earlier lessons
+        # only the lessons of the chapters it stands on: 06 has 01-03's and its own, not 04-05's
+        assert all(f"({c})" not in text for c in CHECKED if c not in checker.lineage(nn))
+        assert f"({nn})" in text
+    for lesson in checker.RETAUGHT["06"]:  # 06 names its own resume lessons
+        assert all(r.lesson != lesson for r in checker.TABLES["06"])
 
 
 def test_bad_arguments_are_clear_errors():

@@ -14,7 +14,8 @@ import time
 from typing import NamedTuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CHAPTERS = {"01": "01_loop", "02": "02_amp", "03": "03_ddp", "04": "04_dpo", "05": "05_grpo"}
+CHAPTERS = {"01": "01_loop", "02": "02_amp", "03": "03_ddp", "04": "04_dpo", "05": "05_grpo",
+            "06": "06_fsdp"}  # 06 branches off 03: FSDP2 and DCP
 
 
 class Mutant(NamedTuple):
@@ -125,6 +126,17 @@ MUTANTS = [
            "grpo_rng"),
     Mutant("05", "every rank samples from the same stream",
            "manual_seed(args.seed + args.rank)", "manual_seed(args.seed)", "grpo_rng"),
+    # chapter 06: FSDP2, DCP checkpoints, the global sample position
+    Mutant("06", "the clip's norm is each rank's own: its squares never all-reduced",
+           "    dist.all_reduce(squares)\n", "", "fsdp_clip"),
+    Mutant("06", "the data position counts one rank's samples, not all ranks'",
+           "batches = forever(train_loader, progress, args.world_size * args.batch_size)",
+           "batches = forever(train_loader, progress, args.batch_size)", "fsdp_position"),
+    Mutant("06", "resume dcp.loads the shards but never calls set_state_dict (AdamW starts over)",
+           '    set_state_dict(model, optimizer, model_state_dict=sharded["model"],\n'
+           '                   optim_state_dict=sharded["optimizer"])\n', "", "fsdp_checkpoint"),
+    Mutant("06", "the root left out of fully_shard (embeddings, final norm and head unsharded)",
+           "    fully_shard(model, mesh=mesh, mp_policy=policy)\n", "", "fsdp_shard"),
 ]
 
 
