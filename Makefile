@@ -24,7 +24,7 @@ test: $(STAMP)  ## its wall time goes to runs/make_test.json, which `make bench`
 lint: $(STAMP)  ## ruff: pyflakes, pycodestyle, lines of at most 100 characters
 	$(VENV)/bin/ruff check .
 
-bench: $(STAMP)  ## measured ratios and chapter runs -> benchmarks/results.json (about 6 minutes)
+bench: $(STAMP)  ## measured ratios and chapter runs -> benchmarks/results.json (about 20 minutes)
 	$(PY) benchmarks/run.py
 
 notebooks: $(STAMP)  ## re-execute every notebook in place (after changing a chapter)
