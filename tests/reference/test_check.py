@@ -7,8 +7,6 @@ Each run is a few tenths of a second: check forks them from one warm process, an
 reference's runs are made once per chapter and reused by every mutant of that chapter."""
 import importlib.util
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -145,19 +143,20 @@ def test_a_crash_demo_that_does_not_crash_is_status_2(work):
     assert "finished instead of killing itself after step" in result.problem
 
 
-def test_the_command_line_with_spawned_processes_exits_1_and_prints_the_diagnosis(work):
-    """--spawn: every run is its own `python PATH ...`, as a learner would type it."""
+def test_the_command_line_exits_1_and_prints_the_diagnosis(work, capsys):
+    """`python -m reference.check 01 PATH`: its exit status and what it prints (main(), in this
+    process; the next test starts the runs as their own processes)."""
     path = mutants.apply(mutants.MUTANTS[2], work)  # chapter 01: warmup off by one
-    r = subprocess.run([sys.executable, "-m", "reference.check", "01", path, "--spawn",
-                        "--work", os.path.join(work, "cli")], cwd=ROOT, capture_output=True,
-                       text=True, timeout=2 * TIMEOUT)
-    assert r.returncode == 1, r.stdout + r.stderr
-    assert "diagnosis: the learning-rate schedule's step offset (chapter 01)" in r.stdout
-    assert "python -m reference.compare" in r.stdout and "--max-step 1" in r.stdout
+    status = checker.main(["01", path, "--work", os.path.join(work, "cli")])
+    printed = capsys.readouterr().out
+    assert status == 1, printed
+    assert "diagnosis: the learning-rate schedule's step offset (chapter 01)" in printed
+    assert "python -m reference.compare" in printed and "--max-step 1" in printed
 
 
-def test_torchrun_two_processes_match_like_the_forked_ones(work):
-    """--spawn runs chapter 03's two-process stage under a real torchrun."""
+def test_spawned_torchrun_two_processes_match_like_the_forked_ones(work):
+    """--spawn starts every run as its own process, as a learner would type it: here chapter
+    03's two-process stage, under a real torchrun."""
     result = checker.check("03", train_py("03"), work=os.path.join(work, "torchrun"),
                            spawn=True, timeout=TIMEOUT, only=["two processes"])
     assert result.status == 0, result.text

@@ -73,7 +73,7 @@ def tmp_leftovers(folder):
 # --- SIGKILL at random moments ----------------------------------------------------------------
 
 # target -> how many of the suite's kills it gets
-KILLS = {"reference": 10, "chapter03": 10}
+KILLS = {"reference": 8, "chapter03": 6}
 
 
 @pytest.mark.parametrize("target", sorted(KILLS))
@@ -209,15 +209,13 @@ def test_fp16_steps_skipped_k_times_in_a_row_stop_the_run():
     assert trainer.step == 9 and trainer.skipped_steps == 9
 
 
-def test_an_fp16_run_whose_steps_are_all_skipped_exits_non_zero(tmp_path):
+def test_an_fp16_run_whose_steps_are_all_skipped_is_an_error(tmp_path):
     """The issue's case: --amp fp16 --lr 1e30 used to skip 19 of 20 steps, log NaN losses,
-    write "final_loss": NaN and exit 0."""
-    r = subprocess.run([sys.executable, "-m", "reference", "03", *TINY03, "--max-steps", "30",
-                        "--eval-every", "50", "--amp", "fp16", "--lr", "1e30",
-                        "--out", str(tmp_path)], env=env(),
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0
-    assert "FloatingPointError: the last 10 steps" in r.stderr
+    write "final_loss": NaN and exit 0. Now `python -m reference 03` raises (so it exits 1 with
+    the traceback) and writes no summary."""
+    with pytest.raises(FloatingPointError, match="the last 10 steps"):
+        chapters.run("03", TINY03 + ["--max-steps", "30", "--eval-every", "50", "--amp", "fp16",
+                                     "--lr", "1e30", "--out", str(tmp_path)])
     assert not (tmp_path / "summary.json").exists()
 
 
