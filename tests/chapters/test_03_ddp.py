@@ -1,5 +1,5 @@
-"""Chapter 03 on CPU with gloo: DDP (with accumulation) equals one process, two nodes on
-loopback, and checkpoint failure modes.
+"""Chapter 03 on CPU with gloo: DDP with accumulation, on two nodes on loopback, equals one
+process, and checkpoint failure modes.
 
 The bitwise resume after a SIGKILL is tested by tests/scripts/kill_and_resume.py (seeded random
 kills, test_reliability.py) and by reference.check's "kill and resume" stage (mid-epoch, with
@@ -37,17 +37,6 @@ def env(**extra):
     return e
 
 
-def torchrun(nproc, args, extra=(), timeout=120, **kw):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", *extra, SCRIPT, *args]
-    return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout, **kw)
-
-
-def run_script(args, timeout=120):
-    return subprocess.run([sys.executable, SCRIPT, *args], env=env(), capture_output=True,
-                          text=True, timeout=timeout)
-
-
 def losses(out):
     return [r["loss"] for r in read_jsonl(os.path.join(out, "metrics.jsonl"))]
 
@@ -80,34 +69,26 @@ def one_process(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def two_processes(tmp_path_factory):
-    """torchrun, 2 processes x 2 micro-batches of 4: DDP's no_sync on the first micro-batch, an
-    all-reduce on the second."""
-    out = str(tmp_path_factory.mktemp("two") / "run")
-    r = torchrun(2, BASE + ["--batch-size", "4", "--grad-accum-steps", "2", "--out", out])
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out
-
-
-def test_ddp_two_processes_equal_one_process(one_process, two_processes):
-    assert_close_runs(one_process, two_processes)
-    # the logged token count is global: both runs train on the same 16 sequences per step
-    assert [r["tokens"] for r in read_jsonl(os.path.join(one_process, "metrics.jsonl"))] == \
-           [r["tokens"] for r in read_jsonl(os.path.join(two_processes, "metrics.jsonl"))]
-
-
-def test_two_nodes_on_loopback_equal_one_process(one_process, tmp_path):
+def test_two_nodes_with_accumulation_equal_one_process(one_process, tmp_path):
+    """Two torchrun launches on loopback, one process each (the two-machine command with
+    --master_addr=127.0.0.1), every step 2 micro-batches of 4 per process: DDP's no_sync on the
+    first, an all-reduce on the second. The second node's process is global rank 1 but local
+    rank 0, and must not write. (The chapter under one --standalone torchrun is test_check.py's
+    spawned two-process stage, bit for bit against the reference, and the notebook's.)"""
     out, port = str(tmp_path / "run"), free_port()
     nodes = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
          f"--node_rank={rank}", "--master_addr=127.0.0.1", f"--master_port={port}", SCRIPT, *BASE,
-         "--batch-size", "8", "--out", out],
+         "--batch-size", "4", "--grad-accum-steps", "2", "--out", out],
         env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
     results = [node.communicate(timeout=120) for node in nodes]
     assert all(node.returncode == 0 for node in nodes), \
         results[0][1][-2000:] + results[1][1][-2000:]
+    assert "held-out exact match" in results[0][0] and "held-out exact match" not in results[1][0]
     assert_close_runs(one_process, out)
+    # the logged token count is global: both runs train on the same 16 sequences per step
+    assert [r["tokens"] for r in read_jsonl(os.path.join(one_process, "metrics.jsonl"))] == \
+           [r["tokens"] for r in read_jsonl(os.path.join(out, "metrics.jsonl"))]
 
 
 def test_truncated_checkpoint_falls_back_with_a_warning(one_process, tmp_path):
