@@ -4,6 +4,7 @@ torchrun sets RANK, WORLD_SIZE and LOCAL_RANK for every process it starts; seein
 configuration DDP needs. Without them everything here is a cheap no-op, so one code path serves
 a single process and many.
 """
+import gc
 import os
 from dataclasses import dataclass
 
@@ -48,9 +49,15 @@ def init_distributed(device: torch.device) -> DistInfo:
 def teardown(barrier=True):
     """Leave the process group. On success the barrier comes first: under torchrun restarts, a
     rank that destroys its group while another still talks to it leaves that one with a broken
-    mesh. After an error there is no barrier, since the other ranks may be gone."""
+    mesh. After an error there is no barrier, since the other ranks may be gone.
+
+    Whatever still holds the group in a reference cycle (a DDP or FSDP model, kept by a finished
+    trainer) is freed first, while the group and the interpreter are alive: freed during
+    interpreter shutdown instead, it can abort the process after a run that succeeded
+    ("terminate called without an active exception", seen once in a clean-clone `make test`)."""
     if dist.is_available() and dist.is_initialized():
         try:
+            gc.collect()
             if barrier:
                 dist.barrier()
         finally:

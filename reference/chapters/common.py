@@ -161,7 +161,7 @@ def run_sft(chapter, args):
         model=model, optimizer=optimizer, train_loader=train_loader, val_loader=val_loader,
         device=device, max_steps=args.max_steps, scheduler=scheduler, eval_every=args.eval_every,
         out_dir=args.out,
-        eval_fn=lambda m: {"accuracy": exact_match(m, eval_problems, tok, device=trainer.device)},
+        eval_fn=lambda m: {"accuracy": exact_match(m, eval_problems, tok, device=device)},
         **trainer_options(args))
     start = time.perf_counter()
     history = trainer.train()

@@ -63,7 +63,7 @@ def main(argv=None):
         use_amp=args.amp == "on" or (args.amp == "auto" and device.type == "cuda"),
         max_grad_norm=1.0, scheduler=warmup_cosine_scheduler(optimizer, 30, args.max_steps),
         eval_every=200,
-        eval_fn=lambda m: {"accuracy": exact_match(m, eval_problems, tok, device=trainer.device)},
+        eval_fn=lambda m: {"accuracy": exact_match(m, eval_problems, tok, device=device)},
         out_dir=args.out, save_every=100, keep_last=2,
         resume_from="latest" if args.resume else None)
     start = time.perf_counter()

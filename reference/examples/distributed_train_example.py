@@ -150,7 +150,9 @@ def main(argv=None):
         use_amp=False, max_grad_norm=1.0,
         scheduler=warmup_cosine_scheduler(optimizer, 30, args.max_steps),
         eval_every=args.eval_every,
-        eval_fn=lambda m: {"accuracy": exact_match(m, eval_problems, tok, device=trainer.device)},
+        # the model's own device; naming `trainer` here would put it in a reference cycle
+        eval_fn=lambda m: {"accuracy": exact_match(m, eval_problems, tok,
+                                                   device=next(m.parameters()).device)},
         out_dir=args.out, save_every=args.save_every, keep_last=2,
         resume_from="latest" if args.resume else None)
     start = time.perf_counter()

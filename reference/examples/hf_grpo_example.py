@@ -228,7 +228,9 @@ def main(argv=None):
         ref_model=ref_model, beta=args.beta, temperature=args.temperature,
         max_completion_length=args.max_completion_length, generation_seed=args.seed,
         eval_every=args.eval_every or args.max_steps,
-        eval_fn=lambda m: {"accuracy": accuracy(m, held_out, collate, tokenizer, trainer.device,
+        # the model's own device; naming `trainer` here would put it in a reference cycle
+        eval_fn=lambda m: {"accuracy": accuracy(m, held_out, collate, tokenizer,
+                                                next(m.parameters()).device,
                                                 args.max_completion_length)},
         out_dir=args.out, save_every=args.save_every, keep_last=2,
         resume_from="latest" if args.resume else None, progress=False)

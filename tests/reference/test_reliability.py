@@ -4,6 +4,7 @@ runs that resume, clear errors for bad input, and the tests that would have caug
 suite once missed. Tiny models, a few dozen steps: each test is a second or two, the kill
 test about half a minute."""
 import copy
+import gc
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from conftest import ROOT, read_jsonl
 from reference import DPOTrainer, SFTTrainer, chapters, configure_optimizer
 from reference import checkpoint as ckpt
 from reference import rundir
+from reference.trainer import Trainer
 from reference.data import (CharTokenizer, PreferenceCollator, PreferenceDataset, Problem,
                             SFTCollator, SFTDataset, make_addition_splits)
 from reference.distributed import DistInfo
@@ -606,3 +608,25 @@ def test_the_loss_scale_carries_the_world_size():
         trainer.optimizer.step = capture
         trainer.train()
     assert all(torch.equal(g2, 2 * g1) for g1, g2 in zip(grads[1], grads[2]))
+
+
+@pytest.mark.parametrize("chapter, flags", [
+    ("03", []), ("05", ["--sft-steps", "4", "--sft-target", "0.0", "--max-steps", "2"])])
+def test_a_finished_run_leaves_no_trainer_for_the_garbage_collector(chapter, flags, tmp_path):
+    """A trainer that outlives its run in a reference cycle (an eval_fn lambda that named
+    `trainer`) keeps its DDP model, and so the process group's C++ state, until a collection
+    or interpreter shutdown; after a torchrun that had succeeded, one rank once aborted there."""
+    def trainers():
+        return sum(issubclass(type(o), Trainer) for o in gc.get_objects())
+
+    argv = TINY03 + ["--out", str(tmp_path)] + flags
+    chapters.run(chapter, argv)  # first: whatever it imports on first use (import frames linger)
+    gc.collect()
+    before = trainers()
+    gc.disable()  # only reference counting frees what the run leaves behind
+    try:
+        chapters.run(chapter, argv)
+        left = trainers() - before
+    finally:
+        gc.enable()
+    assert left == 0
