@@ -30,11 +30,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-def env(**extra):
-    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT,
-             TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
-    e.update(extra)
-    return e
+def env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT,
+                TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
 
 
 def losses(out):

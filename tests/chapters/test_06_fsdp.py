@@ -34,11 +34,11 @@ def chapter():
     return module
 
 
-def torchrun(nproc, args, script=SCRIPT, extra=(), timeout=120):
+def torchrun(nproc, args, extra=(), timeout=120):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT,
                TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", *extra, script, *args]
+           f"--nproc_per_node={nproc}", *extra, SCRIPT, *args]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r
